@@ -1,0 +1,532 @@
+r"""Kalman smoothers for one Levenberg–Marquardt (ELK) step.
+
+Every function here returns the posterior mean of the linear-Gaussian state-space model
+
+$$x_t = A_t x_{t-1} + b_t + w_t, \quad w_t \sim \mathcal{N}(0, I), \qquad
+o_t = x_t + v_t, \quad v_t \sim \mathcal{N}(0, \lambda_t^{-1} I),$$
+
+for $t = 1, \dots, T$, with $x_0$ known exactly. Equivalently, it returns the minimiser of
+
+$$\sum_{t=1}^T \lVert x_t - A_t x_{t-1} - b_t \rVert^2
++ \sum_{t=1}^T \lambda_t \lVert x_t - o_t \rVert^2,$$
+
+whose normal equations form a block-tridiagonal symmetric positive definite system. With
+$A_t$ the Jacobians of a nonlinear recurrence, $b_t$ its linearised offsets and $o_t$ the
+current iterate, this is one damped Newton (Levenberg–Marquardt) step: ELK, and quasi-ELK
+when the $A_t$ are diagonal. $\lambda = 0$ gives the undamped (DEER) step
+$x_t = A_t x_{t-1} + b_t$; $\lambda \to \infty$ gives $x_t = o_t$.
+
+Each smoother comes in two flavours.
+
+- `*_sequential`: a Kalman filter (`lax.scan`) then a Rauch–Tung–Striebel pass
+  (`lax.scan(reverse=True)`). $O(T)$ work and depth.
+- `*_parallel`: the temporal parallelisation of Särkkä & García-Fernández, "Temporal
+  parallelization of Bayesian smoothers", IEEE TAC 2021. Both passes are
+  `lax.associative_scan`s: $O(T)$ work and $O(\log T)$ depth.
+
+**Filtering elements.** Write $\delta_t = 1 / (1 + \lambda_t)$ and
+$\gamma_t = \lambda_t / (1 + \lambda_t)$. Element $t$ is the tuple
+$(\bar A, \bar b, C, \eta, J)$ describing
+$p(x_t \mid x_{t-1}, o_t) = \mathcal{N}(x_t; \bar A x_{t-1} + \bar b, C)$ and
+$p(o_t \mid x_{t-1}) \propto \exp(-\tfrac{1}{2} x_{t-1}^\top J x_{t-1}
++ \eta^\top x_{t-1})$. As the noise covariances are multiples of the identity these are
+explicit:
+
+$$\bar A = \delta_t A_t, \quad \bar b = \delta_t b_t + \gamma_t o_t, \quad
+C = \delta_t I, \quad \eta = \gamma_t A_t^\top (o_t - b_t), \quad
+J = \gamma_t A_t^\top A_t.$$
+
+The first element absorbs the known $x_0$: it is the same with $A_1 \to 0$ and
+$b_1 \to A_1 x_0 + b_1$. Two elements, $i$ before $j$, combine as (with
+$M = I + C_i J_j$)
+
+$$\begin{aligned}
+\bar A_{ij} &= \bar A_j M^{-1} \bar A_i, &
+\bar b_{ij} &= \bar A_j M^{-1} (\bar b_i + C_i \eta_j) + \bar b_j, &
+C_{ij} &= \bar A_j M^{-1} C_i \bar A_j^\top + C_j, \\
+\eta_{ij} &= \bar A_i^\top M^{-\top} (\eta_j - J_j \bar b_i) + \eta_i, &
+J_{ij} &= \bar A_i^\top M^{-\top} J_j \bar A_i + J_i. &&
+\end{aligned}$$
+
+$M^{-1} C_i$ and $M^{-\top} J_j$ are symmetric, and are symmetrised after the solve.
+After the prefix scan, $\bar b$ and $C$ of the $t$-th prefix are the filtering mean
+$m_t$ and covariance $P_t$.
+
+**Smoothing elements.** $x_t = E_t x_{t+1} + g_t$ with
+$E_t = P_t A_{t+1}^\top (A_{t+1} P_t A_{t+1}^\top + I)^{-1}$ and
+$g_t = m_t - E_t (A_{t+1} m_t + b_{t+1})$ for $t < T$, and $E_T = 0$, $g_T = m_T$. These
+are affine maps, composed by a reverse prefix scan. (The smoothed covariances, the
+third component $L$ of the smoothing elements of Särkkä & García-Fernández, are not
+needed for the mean, so they are not computed.)
+
+All the matrices solved against, $M = I + C_i J_j$ (eigenvalues in $[1, \infty)$),
+$I + \lambda_t P_t^-$ and $A_{t+1} P_t A_{t+1}^\top + I$, are bounded away from
+singular, and the elements stay bounded even when the $A_t$ are unstable (as long as
+$\lambda_t > 0$): the observations control the growth that a plain scan of the $A_t$
+would show.
+
+All functions are pure, work with `jax.jit`, `jax.vmap` and autodifferentiation, and
+preserve the floating point dtype of their inputs.
+"""
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jaxtyping import Array, ArrayLike, Inexact
+
+
+#
+# Shared helpers
+#
+
+
+def _symmetrise(x: Array) -> Array:
+    return 0.5 * (x + jnp.swapaxes(x, -1, -2))
+
+
+def _dtype(*arrays: ArrayLike) -> jnp.dtype:
+    dtype = jnp.result_type(*arrays)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.result_type(dtype, float)
+    return dtype
+
+
+def _weights(lam: Array) -> tuple[Array, Array]:
+    """Returns $\\delta = 1 / (1 + \\lambda)$ and $\\gamma = \\lambda / (1 + \\lambda)$,
+    both computed without cancellation."""
+    delta = 1 / (1 + lam)
+    gamma = lam * delta
+    return delta, gamma
+
+
+def _check_dense(A, b, x0, obs, name):
+    if A.ndim != 3 or A.shape[1] != A.shape[2]:
+        raise ValueError(f"`{name}` expects `A` of shape (T, D, D), got {A.shape}.")
+    T, D, _ = A.shape
+    for arr, label in ((b, "b"), (obs, "obs")):
+        if arr.shape != (T, D):
+            raise ValueError(
+                f"`{name}` expects `{label}` of shape {(T, D)}, got {arr.shape}."
+            )
+    if x0.shape != (D,):
+        raise ValueError(f"`{name}` expects `x0` of shape {(D,)}, got {x0.shape}.")
+
+
+def _check_diagonal(a, b, x0, obs, name):
+    if a.ndim != 2:
+        raise ValueError(f"`{name}` expects `a` of shape (T, D), got {a.shape}.")
+    T, D = a.shape
+    for arr, label in ((b, "b"), (obs, "obs")):
+        if arr.shape != (T, D):
+            raise ValueError(
+                f"`{name}` expects `{label}` of shape {(T, D)}, got {arr.shape}."
+            )
+    if x0.shape != (D,):
+        raise ValueError(f"`{name}` expects `x0` of shape {(D,)}, got {x0.shape}.")
+
+
+def _canonicalise(A, b, x0, obs, lam, lam_shape):
+    A, b, x0, obs = map(jnp.asarray, (A, b, x0, obs))
+    dtype = _dtype(A, b, x0, obs)
+    A, b, x0, obs = (x.astype(dtype) for x in (A, b, x0, obs))
+    lam = jnp.broadcast_to(jnp.asarray(lam, dtype=dtype), lam_shape)
+    return A, b, x0, obs, lam
+
+
+#
+# Dense smoothers
+#
+
+
+def _dense_filter_element(A, b, obs, lam):
+    delta, gamma = _weights(lam)
+    eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+    return (
+        delta * A,
+        delta * b + gamma * obs,
+        delta * eye,
+        gamma * (A.T @ (obs - b)),
+        gamma * (A.T @ A),
+    )
+
+
+def _dense_filter_combine(earlier, later):
+    A_i, b_i, C_i, eta_i, J_i = earlier
+    A_j, b_j, C_j, eta_j, J_j = later
+    eye = jnp.eye(A_i.shape[-1], dtype=A_i.dtype)
+    lu_and_piv = jsl.lu_factor(eye + C_i @ J_j)
+    # Solves with M = I + C_i J_j ...
+    rhs = jnp.concatenate([A_i, C_i, (b_i + C_i @ eta_j)[:, None]], axis=1)
+    sol = jsl.lu_solve(lu_and_piv, rhs, trans=0)
+    MA, MC, Mb = jnp.split(sol, [A_i.shape[1], 2 * A_i.shape[1]], axis=1)
+    MC = _symmetrise(MC)
+    # ... and with M^T = I + J_j C_i.
+    rhs = jnp.concatenate([J_j, (eta_j - J_j @ b_i)[:, None]], axis=1)
+    sol = jsl.lu_solve(lu_and_piv, rhs, trans=1)
+    MJ, Meta = jnp.split(sol, [J_j.shape[1]], axis=1)
+    MJ = _symmetrise(MJ)
+    A = A_j @ MA
+    b = A_j @ Mb[:, 0] + b_j
+    C = _symmetrise(A_j @ MC @ A_j.T + C_j)
+    eta = A_i.T @ Meta[:, 0] + eta_i
+    J = _symmetrise(A_i.T @ MJ @ A_i + J_i)
+    return A, b, C, eta, J
+
+
+def _dense_smoother_element(m, P, A_next, b_next):
+    eye = jnp.eye(A_next.shape[-1], dtype=A_next.dtype)
+    AP = A_next @ P
+    S = _symmetrise(AP @ A_next.T) + eye
+    # E = P A^T S^{-1}, so E^T = S^{-1} A P (S and P symmetric).
+    E = jnp.linalg.solve(S, AP).T
+    g = m - E @ (A_next @ m + b_next)
+    return E, g
+
+
+def _smoother_combine(later, earlier):
+    # With `reverse=True`, `lax.associative_scan` passes the element later in time
+    # first. Composes x_s = E_e x_m + g_e after x_m = E_l x_r + g_l.
+    E_l, g_l = later
+    E_e, g_e = earlier
+    return E_e @ E_l, E_e @ g_l + g_e
+
+
+def dense_smoother_parallel(
+    A: Inexact[ArrayLike, "T D D"],
+    b: Inexact[ArrayLike, "T D"],
+    x0: Inexact[ArrayLike, " D"],
+    obs: Inexact[ArrayLike, "T D"],
+    lam: Inexact[ArrayLike, "*#T"],
+) -> Inexact[Array, "T D"]:
+    r"""Kalman smoother mean in $O(\log T)$ depth, with the temporal parallelisation of
+    Särkkä & García-Fernández (2021).
+
+    Minimises
+    $\sum_t \lVert x_t - A_t x_{t-1} - b_t \rVert^2 + \lambda_t \lVert x_t - o_t \rVert^2$
+    over $x_1, \dots, x_T$, given $x_0$. Two `lax.associative_scan`s: a forward one over
+    the filtering elements and a reverse one over the smoothing elements (see the
+    module documentation). $O(T D^3)$ work, $O(T D^2)$ memory.
+
+    **Arguments:**
+
+    - `A`: the transition matrices $A_t$, shape `(T, D, D)`.
+    - `b`: the offsets $b_t$, shape `(T, D)`.
+    - `x0`: the known initial state $x_0$, shape `(D,)`.
+    - `obs`: the observations $o_t$, shape `(T, D)`.
+    - `lam`: the observation precision (damping) $\lambda_t \geq 0$, a scalar or an array
+        of shape `(T,)`. Strictly positive values keep the filter bounded for unstable
+        $A_t$.
+
+    **Returns:**
+
+    The smoothed means $\mathbb{E}[x_t \mid o_{1:T}]$, shape `(T, D)`, in the dtype of
+    the inputs.
+    """
+    A, b, x0, obs = map(jnp.asarray, (A, b, x0, obs))
+    _check_dense(A, b, x0, obs, "dense_smoother_parallel")
+    A, b, x0, obs, lam = _canonicalise(A, b, x0, obs, lam, A.shape[:1])
+    # The first element absorbs the known x_0.
+    A_eff = A.at[0].set(0)
+    b_eff = b.at[0].add(A[0] @ x0)
+    elems = jax.vmap(_dense_filter_element)(A_eff, b_eff, obs, lam)
+    _, m, P, _, _ = lax.associative_scan(jax.vmap(_dense_filter_combine), elems)
+    E, g = jax.vmap(_dense_smoother_element)(m[:-1], P[:-1], A[1:], b[1:])
+    E = jnp.concatenate([E, jnp.zeros_like(E[:1])])
+    g = jnp.concatenate([g, m[-1:]])
+    _, x = lax.associative_scan(jax.vmap(_smoother_combine), (E, g), reverse=True)
+    return x
+
+
+def dense_smoother_sequential(
+    A: Inexact[ArrayLike, "T D D"],
+    b: Inexact[ArrayLike, "T D"],
+    x0: Inexact[ArrayLike, " D"],
+    obs: Inexact[ArrayLike, "T D"],
+    lam: Inexact[ArrayLike, "*#T"],
+) -> Inexact[Array, "T D"]:
+    r"""Kalman smoother mean in $O(T)$ depth: a Kalman filter then a
+    Rauch–Tung–Striebel pass.
+
+    Same problem and arguments as [`parallel_dynamics._linear_solver.kalman.dense_smoother_parallel`][],
+    with the least work, $O(T D^3)$, and the fewest synchronisations: the method of
+    choice on CPU. The filter update uses $P_t = (I + \lambda_t P_t^-)^{-1} P_t^-$ and
+    $m_t = (I + \lambda_t P_t^-)^{-1} (m_t^- + \lambda_t P_t^- o_t)$, where
+    $m_t^- = A_t m_{t-1} + b_t$ and $P_t^- = A_t P_{t-1} A_t^\top + I$, and
+    $m_0 = x_0$, $P_0 = 0$.
+
+    **Arguments:**
+
+    - `A`: the transition matrices $A_t$, shape `(T, D, D)`.
+    - `b`: the offsets $b_t$, shape `(T, D)`.
+    - `x0`: the known initial state $x_0$, shape `(D,)`.
+    - `obs`: the observations $o_t$, shape `(T, D)`.
+    - `lam`: the observation precision (damping) $\lambda_t \geq 0$, a scalar or an array
+        of shape `(T,)`.
+
+    **Returns:**
+
+    The smoothed means $\mathbb{E}[x_t \mid o_{1:T}]$, shape `(T, D)`, in the dtype of
+    the inputs.
+    """  # noqa: E501
+    A, b, x0, obs = map(jnp.asarray, (A, b, x0, obs))
+    _check_dense(A, b, x0, obs, "dense_smoother_sequential")
+    A, b, x0, obs, lam = _canonicalise(A, b, x0, obs, lam, A.shape[:1])
+    D = x0.shape[0]
+    eye = jnp.eye(D, dtype=x0.dtype)
+
+    def filter_step(carry, inputs):
+        m, P = carry
+        A_t, b_t, obs_t, lam_t = inputs
+        m_pred = A_t @ m + b_t
+        P_pred = _symmetrise(A_t @ P @ A_t.T) + eye
+        G = eye + lam_t * P_pred
+        rhs = jnp.concatenate([P_pred, (m_pred + lam_t * P_pred @ obs_t)[:, None]], 1)
+        sol = jnp.linalg.solve(G, rhs)
+        P = _symmetrise(sol[:, :D])
+        m = sol[:, D]
+        return (m, P), (m, P)
+
+    init = (x0, jnp.zeros((D, D), x0.dtype))
+    _, (m, P) = lax.scan(filter_step, init, (A, b, obs, lam))
+
+    def smoother_step(x_next, inputs):
+        m_t, P_t, A_next, b_next = inputs
+        E, g = _dense_smoother_element(m_t, P_t, A_next, b_next)
+        x = E @ x_next + g
+        return x, x
+
+    _, x = lax.scan(smoother_step, m[-1], (m[:-1], P[:-1], A[1:], b[1:]), reverse=True)
+    return jnp.concatenate([x, m[-1:]])
+
+
+#
+# Diagonal smoothers
+#
+
+
+def _diagonal_filter_element(a, b, obs, lam):
+    delta, gamma = _weights(lam)
+    return (
+        delta * a,
+        delta * b + gamma * obs,
+        jnp.broadcast_to(delta, a.shape),
+        gamma * a * (obs - b),
+        gamma * a * a,
+    )
+
+
+def _diagonal_filter_combine(earlier, later):
+    a_i, b_i, c_i, eta_i, j_i = earlier
+    a_j, b_j, c_j, eta_j, j_j = later
+    # s = 1 / (1 + c_i j_j) is the scalar M^{-1}; every term below is a sum of
+    # nonnegative quantities except through the data, so nothing cancels.
+    s = 1 / (1 + c_i * j_j)
+    a = a_j * s * a_i
+    b = a_j * s * (b_i + c_i * eta_j) + b_j
+    c = a_j * a_j * s * c_i + c_j
+    eta = a_i * s * (eta_j - j_j * b_i) + eta_i
+    j = a_i * a_i * s * j_j + j_i
+    return a, b, c, eta, j
+
+
+def _diagonal_smoother_element(m, p, a_next, b_next):
+    e = p * a_next / (a_next * a_next * p + 1)
+    g = m - e * (a_next * m + b_next)
+    return e, g
+
+
+def _diagonal_smoother_combine(later, earlier):
+    e_l, g_l = later
+    e_e, g_e = earlier
+    return e_e * e_l, e_e * g_l + g_e
+
+
+def diagonal_smoother_parallel(
+    a: Inexact[ArrayLike, "T D"],
+    b: Inexact[ArrayLike, "T D"],
+    x0: Inexact[ArrayLike, " D"],
+    obs: Inexact[ArrayLike, "T D"],
+    lam: Inexact[ArrayLike, "*#T #D"],
+) -> Inexact[Array, "T D"]:
+    r"""Kalman smoother mean for diagonal transitions $A_t = \operatorname{diag}(a_t)$,
+    in $O(\log T)$ depth.
+
+    The problem splits into $D$ independent scalar smoothers (quasi-ELK). Same
+    elements as [`parallel_dynamics._linear_solver.kalman.dense_smoother_parallel`][],
+    with elementwise arithmetic only: $O(T D)$ work and memory.
+
+    **Arguments:**
+
+    - `a`: the diagonals $a_t$ of the transition matrices, shape `(T, D)`.
+    - `b`: the offsets $b_t$, shape `(T, D)`.
+    - `x0`: the known initial state $x_0$, shape `(D,)`.
+    - `obs`: the observations $o_t$, shape `(T, D)`.
+    - `lam`: the observation precision (damping) $\lambda \geq 0$, a scalar or an array
+        broadcastable to `(T, D)` (e.g. shape `(T, 1)` for one value per step).
+
+    **Returns:**
+
+    The smoothed means $\mathbb{E}[x_t \mid o_{1:T}]$, shape `(T, D)`, in the dtype of
+    the inputs.
+    """
+    a, b, x0, obs = map(jnp.asarray, (a, b, x0, obs))
+    _check_diagonal(a, b, x0, obs, "diagonal_smoother_parallel")
+    a, b, x0, obs, lam = _canonicalise(a, b, x0, obs, lam, a.shape)
+    a_eff = a.at[0].set(0)
+    b_eff = b.at[0].add(a[0] * x0)
+    elems = _diagonal_filter_element(a_eff, b_eff, obs, lam)
+    _, m, p, _, _ = lax.associative_scan(_diagonal_filter_combine, elems)
+    e, g = _diagonal_smoother_element(m[:-1], p[:-1], a[1:], b[1:])
+    e = jnp.concatenate([e, jnp.zeros_like(e[:1])])
+    g = jnp.concatenate([g, m[-1:]])
+    _, x = lax.associative_scan(_diagonal_smoother_combine, (e, g), reverse=True)
+    return x
+
+
+def diagonal_smoother_sequential(
+    a: Inexact[ArrayLike, "T D"],
+    b: Inexact[ArrayLike, "T D"],
+    x0: Inexact[ArrayLike, " D"],
+    obs: Inexact[ArrayLike, "T D"],
+    lam: Inexact[ArrayLike, "*#T #D"],
+) -> Inexact[Array, "T D"]:
+    r"""Kalman smoother mean for diagonal transitions $A_t = \operatorname{diag}(a_t)$,
+    in $O(T)$ depth: a Kalman filter then a Rauch–Tung–Striebel pass, elementwise.
+
+    **Arguments:**
+
+    - `a`: the diagonals $a_t$ of the transition matrices, shape `(T, D)`.
+    - `b`: the offsets $b_t$, shape `(T, D)`.
+    - `x0`: the known initial state $x_0$, shape `(D,)`.
+    - `obs`: the observations $o_t$, shape `(T, D)`.
+    - `lam`: the observation precision (damping) $\lambda \geq 0$, a scalar or an array
+        broadcastable to `(T, D)` (e.g. shape `(T, 1)` for one value per step).
+
+    **Returns:**
+
+    The smoothed means $\mathbb{E}[x_t \mid o_{1:T}]$, shape `(T, D)`, in the dtype of
+    the inputs.
+    """
+    a, b, x0, obs = map(jnp.asarray, (a, b, x0, obs))
+    _check_diagonal(a, b, x0, obs, "diagonal_smoother_sequential")
+    a, b, x0, obs, lam = _canonicalise(a, b, x0, obs, lam, a.shape)
+
+    def filter_step(carry, inputs):
+        m, p = carry
+        a_t, b_t, obs_t, lam_t = inputs
+        m_pred = a_t * m + b_t
+        p_pred = a_t * a_t * p + 1
+        g = 1 / (1 + lam_t * p_pred)
+        p = g * p_pred
+        m = g * (m_pred + lam_t * p_pred * obs_t)
+        return (m, p), (m, p)
+
+    init = (x0, jnp.zeros_like(x0))
+    _, (m, p) = lax.scan(filter_step, init, (a, b, obs, lam))
+
+    def smoother_step(x_next, inputs):
+        e, g = _diagonal_smoother_element(*inputs)
+        x = e * x_next + g
+        return x, x
+
+    _, x = lax.scan(smoother_step, m[-1], (m[:-1], p[:-1], a[1:], b[1:]), reverse=True)
+    return jnp.concatenate([x, m[-1:]])
+
+
+#
+# Block-diagonal smoothers
+#
+
+
+def _block_diagonal(dense_fn, name, A, b, x0, obs, lam):
+    A, b, x0, obs = map(jnp.asarray, (A, b, x0, obs))
+    if A.ndim != 4 or A.shape[2] != A.shape[3]:
+        raise ValueError(
+            f"`{name}` expects `A` of shape (T, D//k, k, k), got {A.shape}."
+        )
+    T, nb, k, _ = A.shape
+    D = nb * k
+    for arr, label in ((b, "b"), (obs, "obs")):
+        if arr.shape != (T, D):
+            raise ValueError(
+                f"`{name}` expects `{label}` of shape {(T, D)}, got {arr.shape}."
+            )
+    if x0.shape != (D,):
+        raise ValueError(f"`{name}` expects `x0` of shape {(D,)}, got {x0.shape}.")
+    A, b, x0, obs, lam = _canonicalise(A, b, x0, obs, lam, (T, nb))
+    x = jax.vmap(dense_fn, in_axes=(1, 1, 0, 1, 1), out_axes=1)(
+        A, b.reshape(T, nb, k), x0.reshape(nb, k), obs.reshape(T, nb, k), lam
+    )
+    return x.reshape(T, D)
+
+
+def block_diagonal_smoother_parallel(
+    A: Inexact[ArrayLike, "T B k k"],
+    b: Inexact[ArrayLike, "T D"],
+    x0: Inexact[ArrayLike, " D"],
+    obs: Inexact[ArrayLike, "T D"],
+    lam: Inexact[ArrayLike, "*#T #B"],
+) -> Inexact[Array, "T D"]:
+    r"""Kalman smoother mean for block-diagonal transitions, in $O(\log T)$ depth.
+
+    $A_t = \operatorname{blockdiag}(A_{t,1}, \dots, A_{t,B})$ with $k \times k$ blocks,
+    $D = B k$: the problem splits into $B$ independent $k$-dimensional smoothers, each
+    solved by [`parallel_dynamics._linear_solver.kalman.dense_smoother_parallel`][].
+    $O(T D k^2)$ work.
+
+    **Arguments:**
+
+    - `A`: the diagonal blocks $A_{t,i}$, shape `(T, B, k, k)`.
+    - `b`: the offsets $b_t$, shape `(T, D)`; block $i$ is `b[:, i*k:(i+1)*k]`.
+    - `x0`: the known initial state $x_0$, shape `(D,)`.
+    - `obs`: the observations $o_t$, shape `(T, D)`.
+    - `lam`: the observation precision (damping) $\lambda \geq 0$, a scalar or an array
+        broadcastable to `(T, B)` (one value per step and block).
+
+    **Returns:**
+
+    The smoothed means $\mathbb{E}[x_t \mid o_{1:T}]$, shape `(T, D)`, in the dtype of
+    the inputs.
+    """
+    return _block_diagonal(
+        dense_smoother_parallel, "block_diagonal_smoother_parallel", A, b, x0, obs, lam
+    )
+
+
+def block_diagonal_smoother_sequential(
+    A: Inexact[ArrayLike, "T B k k"],
+    b: Inexact[ArrayLike, "T D"],
+    x0: Inexact[ArrayLike, " D"],
+    obs: Inexact[ArrayLike, "T D"],
+    lam: Inexact[ArrayLike, "*#T #B"],
+) -> Inexact[Array, "T D"]:
+    r"""Kalman smoother mean for block-diagonal transitions, in $O(T)$ depth.
+
+    As [`parallel_dynamics._linear_solver.kalman.block_diagonal_smoother_parallel`][],
+    with each block solved by
+    [`parallel_dynamics._linear_solver.kalman.dense_smoother_sequential`][].
+
+    **Arguments:**
+
+    - `A`: the diagonal blocks $A_{t,i}$, shape `(T, B, k, k)`.
+    - `b`: the offsets $b_t$, shape `(T, D)`; block $i$ is `b[:, i*k:(i+1)*k]`.
+    - `x0`: the known initial state $x_0$, shape `(D,)`.
+    - `obs`: the observations $o_t$, shape `(T, D)`.
+    - `lam`: the observation precision (damping) $\lambda \geq 0$, a scalar or an array
+        broadcastable to `(T, B)` (one value per step and block).
+
+    **Returns:**
+
+    The smoothed means $\mathbb{E}[x_t \mid o_{1:T}]$, shape `(T, D)`, in the dtype of
+    the inputs.
+    """
+    return _block_diagonal(
+        dense_smoother_sequential,
+        "block_diagonal_smoother_sequential",
+        A,
+        b,
+        x0,
+        obs,
+        lam,
+    )

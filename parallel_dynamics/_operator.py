@@ -1,0 +1,167 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, Inexact
+
+from ._blocks import AbstractBlocks, map_time, ZeroBlocks
+
+
+def shift_forward(vector: Inexact[Array, "T D"]) -> Inexact[Array, "T D"]:
+    """$(v_0 = 0, v_1, \\dots, v_{T-1})$: each step sees its predecessor."""
+    return jnp.concatenate([jnp.zeros_like(vector[:1]), vector[:-1]], axis=0)
+
+
+def shift_backward(vector: Inexact[Array, "T D"]) -> Inexact[Array, "T D"]:
+    """$(v_2, \\dots, v_T, v_{T+1} = 0)$: each step sees its successor."""
+    return jnp.concatenate([vector[1:], jnp.zeros_like(vector[:1])], axis=0)
+
+
+def successor_blocks(blocks: AbstractBlocks) -> AbstractBlocks:
+    """The blocks $A_{t+1}^\\top$ at position $t$, as used by the transposed system.
+
+    Position $T$ gets $A_1^\\top$, which only ever multiplies $v_{T+1} = 0$.
+    """
+    return map_time(lambda x: jnp.roll(x, -1, axis=0), blocks.transpose())
+
+
+class BlockBidiagonalOperator(lx.AbstractLinearOperator):
+    """The block bidiagonal operator of a linear recurrence over a time axis.
+
+    With blocks $A_1, \\dots, A_T$ (an [`parallel_dynamics.AbstractBlocks`][]) acting on
+    vectors $v = (v_1, \\dots, v_T)$ stored as a `(T, D)` array, the lower operator is
+
+    $$(L v)_t = v_t - A_t v_{t-1}, \\qquad v_0 = 0,$$
+
+    i.e. identity blocks on the diagonal and $-A_t$ on the sub-diagonal. It is the
+    Jacobian $\\partial F / \\partial Y$ of the residual
+    $F(Y)_t = y_t - f(y_{t-1}, x_t)$ of a recurrence when $A_t = \\partial f/\\partial y$.
+    Solving $L v = b$ is the recurrence $v_t = A_t v_{t-1} + b_t$, which the solvers in
+    this library do with parallel, chunked or sequential scans. $A_1$ multiplies
+    $v_0 = 0$ and so never matters.
+
+    Its transpose is the upper operator
+    $(L^\\top g)_t = g_t - A_{t+1}^\\top g_{t+1}$, $g_{T+1} = 0$, whose solve is the
+    reverse recurrence used for gradients.
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+        import lineax as lx
+        import parallel_dynamics as pdyn
+
+        a = 0.9 * jnp.ones((5, 3))
+        operator = pdyn.BlockBidiagonalOperator(pdyn.DiagonalBlocks(a))
+        v = lx.linear_solve(operator, jnp.ones((5, 3)), pdyn.ParallelScan()).value
+        ```
+    """
+
+    blocks: AbstractBlocks
+    lower: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        if not isinstance(self.blocks, AbstractBlocks):
+            raise TypeError(
+                "`blocks` must be a `parallel_dynamics.AbstractBlocks`, got "
+                f"{type(self.blocks).__name__}."
+            )
+
+    def _structure(self) -> jax.ShapeDtypeStruct:
+        matrices = jax.eval_shape(self.blocks.as_matrices)
+        return jax.ShapeDtypeStruct(matrices.shape[:2], matrices.dtype)
+
+    def mv(self, vector):
+        if self.lower:
+            return vector - self.blocks.apply(shift_forward(vector))
+        return vector - successor_blocks(self.blocks).apply(shift_backward(vector))
+
+    def as_matrix(self):
+        matrices = self.blocks.as_matrices()
+        length, size = matrices.shape[:2]
+        dense = jnp.eye(length * size, dtype=matrices.dtype)
+        coupling = jnp.zeros((length, size, length, size), matrices.dtype)
+        steps = np.arange(1, length)
+        coupling = coupling.at[steps, :, steps - 1, :].set(-matrices[1:])
+        dense = dense + coupling.reshape(length * size, length * size)
+        return dense if self.lower else dense.T
+
+    def transpose(self):
+        return BlockBidiagonalOperator(self.blocks, lower=not self.lower)
+
+    def in_structure(self):
+        return self._structure()
+
+    def out_structure(self):
+        return self._structure()
+
+
+# Lineax's single-dispatch structure queries. The diagonal is the identity; the
+# operator is triangular (lower, or upper once transposed) and never symmetric unless
+# the coupling vanishes.
+
+
+def _decoupled(operator: BlockBidiagonalOperator) -> bool:
+    return isinstance(operator.blocks, ZeroBlocks)
+
+
+@lx.linearise.register(BlockBidiagonalOperator)
+@lx.materialise.register(BlockBidiagonalOperator)
+def _(operator):
+    return operator
+
+
+@lx.diagonal.register(BlockBidiagonalOperator)
+def _(operator):
+    structure = operator.in_structure()
+    return jnp.ones(structure.shape[0] * structure.shape[1], structure.dtype)
+
+
+@lx.tridiagonal.register(BlockBidiagonalOperator)
+def _(operator):
+    if not lx.is_tridiagonal(operator):
+        raise ValueError("A `BlockBidiagonalOperator` is tridiagonal only when D = 1.")
+    matrix = operator.as_matrix()
+    return jnp.diag(matrix), jnp.diag(matrix, -1), jnp.diag(matrix, 1)
+
+
+@lx.is_symmetric.register(BlockBidiagonalOperator)
+@lx.is_diagonal.register(BlockBidiagonalOperator)
+def _(operator):
+    return _decoupled(operator)
+
+
+@lx.is_tridiagonal.register(BlockBidiagonalOperator)
+def _(operator):
+    return _decoupled(operator) or operator.in_structure().shape[1] == 1
+
+
+@lx.has_unit_diagonal.register(BlockBidiagonalOperator)
+def _(operator):
+    return True
+
+
+@lx.is_lower_triangular.register(BlockBidiagonalOperator)
+def _(operator):
+    return operator.lower or _decoupled(operator)
+
+
+@lx.is_upper_triangular.register(BlockBidiagonalOperator)
+def _(operator):
+    return (not operator.lower) or _decoupled(operator)
+
+
+@lx.is_positive_semidefinite.register(BlockBidiagonalOperator)
+def _(operator):
+    return _decoupled(operator)
+
+
+@lx.is_negative_semidefinite.register(BlockBidiagonalOperator)
+def _(operator):
+    return False
+
+
+@lx.conj.register(BlockBidiagonalOperator)
+def _(operator):
+    return BlockBidiagonalOperator(operator.blocks.conj(), lower=operator.lower)

@@ -1,0 +1,111 @@
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, PyTree, Scalar
+
+from .._problem import Recurrence
+
+
+def default_tolerance(dtype) -> float:
+    """$\\varepsilon^{0.7}$ of the dtype: about `1.4e-5` in float32 and `1.1e-11` in
+    float64."""
+    return float(np.finfo(dtype).eps ** 0.7)
+
+
+def as_recurrence(args: PyTree, solver: eqx.Module) -> Recurrence:
+    if not isinstance(args, Recurrence):
+        raise TypeError(
+            f"`{type(solver).__name__}` solves recurrences: call it through "
+            "`parallel_dynamics.solve` (or pass a `parallel_dynamics.Recurrence` as the "
+            f"`args` of `optimistix.root_find`), not with args of type "
+            f"{type(args).__name__}."
+        )
+    return args
+
+
+def all_finite(*arrays: Array) -> Bool[Array, ""]:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+
+class IterationState(eqx.Module):
+    """What every iterative recurrence solver tracks between iterations."""
+
+    step: Int[Array, ""]
+    diffsize: Scalar  # scaled norm of the last update
+    residual_size: Scalar  # scaled norm of the residual it was computed from
+    residual_norm: Scalar  # unscaled norm of that residual
+    result: optx.RESULTS
+
+
+class AbstractRecurrenceSolver(optx.AbstractRootFinder):
+    """Abstract base class for the root finders of [`parallel_dynamics.solve`][].
+
+    They find the trajectory $Y = (y_1, \\dots, y_T)$ at which the residual
+    $F(Y)_t = y_t - f(y_{t-1}, x_t)$ vanishes. They are Optimistix root finders: `fn`
+    is the residual and `args` the [`parallel_dynamics.Recurrence`][] it belongs to,
+    from which they take the structure they exploit.
+    """
+
+    rtol: eqx.AbstractVar[float | None]
+    atol: eqx.AbstractVar[float | None]
+    norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
+
+    def tolerances(self, dtype) -> tuple[float, float]:
+        rtol = default_tolerance(dtype) if self.rtol is None else self.rtol
+        atol = default_tolerance(dtype) if self.atol is None else self.atol
+        return rtol, atol
+
+    def check_tolerances(self):
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"`{name}` must be non-negative, got {value}.")
+
+    def init_state(self, y: Array) -> IterationState:
+        inf = jnp.array(jnp.inf, y.dtype)
+        return IterationState(
+            step=jnp.array(0),
+            diffsize=inf,
+            residual_size=inf,
+            residual_norm=inf,
+            result=optx.RESULTS.successful,
+        )
+
+    def terminate(self, fn, y, args, options, state: IterationState, tags):
+        del fn, options, tags
+        recurrence = as_recurrence(args, self)
+        converged = (state.diffsize < 1) & (state.residual_size < 1)
+        # The prefix property: after i iterations the first i states are exact, for
+        # every choice of A_t, so T iterations solve the recurrence.
+        exact = state.step >= recurrence.length
+        failed = state.result != optx.RESULTS.successful
+        return converged | exact | failed, state.result
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        del fn, options, tags, result
+        recurrence = as_recurrence(args, self)
+        final_residual = self.norm(recurrence.residual(y))
+        return y, aux, {"residual_norm": final_residual}
+
+    def measure(
+        self, y: Array, update: Array, residual: Array
+    ) -> tuple[Scalar, Scalar, Scalar]:
+        """Scaled sizes of an update and of a residual, and the residual's norm."""
+        rtol, atol = self.tolerances(y.dtype)
+        scale = atol + rtol * jnp.abs(y)
+        diffsize = self.norm(update / scale)
+        residual_size = self.norm(residual / scale)
+        return diffsize, residual_size, self.norm(residual)
+
+
+def print_progress(name: str, state: IterationState):
+    jax.debug.print(
+        name + " step {step}: residual norm {res:.3e}, scaled step {diff:.3e}",
+        step=state.step,
+        res=state.residual_norm,
+        diff=state.diffsize,
+    )

@@ -1,0 +1,125 @@
+"""Lyapunov-exponent diagnostic."""
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from parallel_dynamics._diagnostics import lyapunov_exponent  # noqa: E402
+
+
+def linear_step(y, x, M):
+    return M @ y
+
+
+def test_linear_map_largest_exponent():
+    # Non-normal matrix with eigenvalues 1.1, -0.7, 0.3 (spectral norm > 1.1).
+    P = jnp.array([[1.0, 2.0, 0.5], [0.0, 1.0, -1.0], [0.3, 0.0, 1.0]])
+    M = P @ jnp.diag(jnp.array([1.1, -0.7, 0.3])) @ jnp.linalg.inv(P)
+    lle = lyapunov_exponent(linear_step, jnp.ones(3), args=M, length=2000)
+    assert lle.shape == ()
+    assert lle.dtype == jnp.float64
+    assert abs(float(lle) - np.log(1.1)) < 1e-3
+
+
+def test_diagonal_map_all_exponents():
+    d = jnp.array([0.5, 2.0, -1.5, 0.9])
+    step = lambda y, x, a: d * y + x
+    inputs = jax.random.normal(jax.random.key(0), (500, 4))
+    lles = lyapunov_exponent(step, jnp.ones(4), inputs, num_exponents=4)
+    expected = np.sort(np.log(np.abs(np.asarray(d))))[::-1]
+    np.testing.assert_allclose(np.asarray(lles), expected, atol=1e-10)
+
+
+def test_contracting_tanh_rnn_is_negative():
+    key_w, key_u, key_x = jax.random.split(jax.random.key(1), 3)
+    D = 8
+    W = 0.5 * jax.random.normal(key_w, (D, D)) / jnp.sqrt(D)
+    U = jax.random.normal(key_u, (D, 2))
+    step = lambda h, x, a: jnp.tanh(a[0] @ h + a[1] @ x)
+    inputs = jax.random.normal(key_x, (1000, 2))
+    lle = lyapunov_exponent(step, jnp.zeros(D), inputs, (W, U))
+    assert float(lle) < -0.1
+
+
+def _lorenz96_rk4(y, x, forcing):
+    dt = 0.01
+
+    def vf(u):
+        return (jnp.roll(u, -1) - jnp.roll(u, 2)) * jnp.roll(u, 1) - u + forcing
+
+    k1 = vf(y)
+    k2 = vf(y + 0.5 * dt * k1)
+    k3 = vf(y + 0.5 * dt * k2)
+    k4 = vf(y + dt * k3)
+    return y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def test_lorenz96_is_chaotic():
+    D, F = 10, 8.0
+    y = F * jnp.ones(D) + 0.01 * jnp.arange(D)
+    y, _ = jax.lax.scan(lambda u, _: (_lorenz96_rk4(u, None, F), None), y, length=500)
+    lle = lyapunov_exponent(_lorenz96_rk4, y, args=F, length=2000)
+    # The LLE of Lorenz-96 with F = 8 is about 1.7 per unit time, so ~0.017 per step.
+    assert 0.008 < float(lle) < 0.03
+
+
+def test_pytree_state():
+    a = jnp.array([0.5, -1.2])
+    b = 0.8
+
+    def step(y, x, args):
+        u, v = y
+        return (a * u + x, jnp.tanh(b * v) + u[0])
+
+    y0 = (jnp.ones(2), jnp.zeros(()))
+    inputs = jnp.zeros((400, 2))
+    lles = lyapunov_exponent(step, y0, inputs, num_exponents=3)
+    # Block triangular: the u-block has exponents log 1.2 and log 0.5; u[0] -> 0, so
+    # v -> 0, the fixed point of tanh(0.8 v), and the v-block exponent is log 0.8.
+    assert lles.shape == (3,)
+    np.testing.assert_allclose(
+        np.asarray(lles[jnp.array([0, 2])]), np.log([1.2, 0.5]), atol=1e-10
+    )
+    assert abs(float(lles[1]) - np.log(0.8)) < 1e-3
+
+
+def test_trajectory_argument_matches_recomputation():
+    key_w, key_x = jax.random.split(jax.random.key(2))
+    D = 5
+    W = 1.5 * jax.random.normal(key_w, (D, D)) / jnp.sqrt(D)
+    step = lambda h, x, W: jnp.tanh(W @ h + x)
+    inputs = jax.random.normal(key_x, (300, D))
+    h0 = jnp.full((D,), 0.1)
+    _, traj = jax.lax.scan(lambda h, x: (step(h, x, W),) * 2, h0, inputs)
+    direct = lyapunov_exponent(step, h0, inputs, W, num_exponents=D)
+    given = lyapunov_exponent(step, h0, inputs, W, trajectory=traj, num_exponents=D)
+    np.testing.assert_allclose(np.asarray(given), np.asarray(direct), rtol=1e-12)
+    assert np.all(np.diff(np.asarray(direct)) <= 0)
+
+
+def test_float32_state_stays_float32():
+    lle = lyapunov_exponent(
+        linear_step,
+        jnp.ones(2, jnp.float32),
+        args=jnp.eye(2, dtype=jnp.float32) * 2,
+        length=10,
+    )
+    assert lle.dtype == jnp.float32
+    assert float(lle) == pytest.approx(np.log(2.0), rel=1e-6)
+
+
+def test_errors():
+    y0 = jnp.ones(3)
+    with pytest.raises(ValueError, match="`length`"):
+        lyapunov_exponent(linear_step, y0, args=jnp.eye(3))
+    with pytest.raises(ValueError, match="`num_exponents`"):
+        lyapunov_exponent(linear_step, y0, args=jnp.eye(3), length=5, num_exponents=4)
+    with pytest.raises(ValueError, match="`num_exponents`"):
+        lyapunov_exponent(linear_step, y0, args=jnp.eye(3), length=5, num_exponents=0)
+    with pytest.raises(ValueError, match="`inputs`"):
+        lyapunov_exponent(linear_step, y0, jnp.zeros((4, 3)), jnp.eye(3), length=5)
