@@ -35,7 +35,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array
 
 
 CASE_FILENAME = "argru_sine_L10000.npz"
@@ -57,22 +57,23 @@ DEFAULT_CASE_PATH: Path = default_case_path()
 class ARGRUParams(eqx.Module):
     """The 56 trained numbers of the AR-GRU: GRU weights in equinox/PyTorch convention
     (gate order r, z, n; the reset gate multiplies `W_hn h + b_hn`) and the two readout
-    rows (mean and pre-softplus noise scale)."""
+    rows (mean and pre-softplus noise scale). Shapes: `W_i*` (3, 1), `W_h*` (3, 3),
+    `b_*`, `mu_w`, `scale_w` (3,), `mu_b`, `scale_b` ()."""
 
-    W_ir: Float[Array, "3 1"]
-    W_iz: Float[Array, "3 1"]
-    W_in: Float[Array, "3 1"]
-    W_hr: Float[Array, "3 3"]
-    W_hz: Float[Array, "3 3"]
-    W_hn: Float[Array, "3 3"]
-    b_r: Float[Array, " 3"]
-    b_z: Float[Array, " 3"]
-    b_in: Float[Array, " 3"]
-    b_hn: Float[Array, " 3"]
-    mu_w: Float[Array, " 3"]
-    mu_b: Float[Array, ""]
-    scale_w: Float[Array, " 3"]
-    scale_b: Float[Array, ""]
+    W_ir: Array
+    W_iz: Array
+    W_in: Array
+    W_hr: Array
+    W_hz: Array
+    W_hn: Array
+    b_r: Array
+    b_z: Array
+    b_in: Array
+    b_hn: Array
+    mu_w: Array
+    mu_b: Array
+    scale_w: Array
+    scale_b: Array
 
 
 class ARGRUCase(NamedTuple):
@@ -86,10 +87,10 @@ class ARGRUCase(NamedTuple):
     """
 
     params: ARGRUParams
-    s0: Float[Array, " 4"]
-    drivers: Float[Array, " T"]
-    reference: Float[Array, "T 4"]
-    noise0: Float[Array, ""]
+    s0: Array
+    drivers: Array
+    reference: Array
+    noise0: Array
 
 
 _PARAM_KEYS = {
@@ -151,11 +152,10 @@ def load_argru_case(
         )
 
 
-def argru_step(
-    s_prev: Float[Array, " 4"], eps_t: Float[Array, ""], params: ARGRUParams
-) -> Float[Array, " 4"]:
-    """One step `s_t = f(s_{t-1}, eps_t)` of the AR-GRU, in the `step(y_prev, x_t, args)`
-    convention of `parallel_dynamics` (with `args = params`).
+def argru_step(s_prev: Array, eps_t: Array, params: ARGRUParams) -> Array:
+    """One step `s_t = f(s_{t-1}, eps_t)` of the AR-GRU, in the
+    `step(y_prev, x_t, args)` convention of `parallel_dynamics` (`args = params`).
+    `s_prev` has shape `(4,)` and `eps_t` is a scalar.
 
     The operations are ordered as in equinox's `GRUCell` (the interpolation is written
     `n + z * (h - n)`), which reproduces the float32 reference bit-for-bit on CPU.
@@ -175,9 +175,7 @@ def argru_step(
 
 
 @jax.jit
-def sequential_rollout(
-    params: ARGRUParams, s0: Float[Array, " 4"], drivers: Float[Array, " T"]
-) -> Float[Array, "T 4"]:
+def sequential_rollout(params: ARGRUParams, s0: Array, drivers: Array) -> Array:
     """The reference sequential evaluation: `s_1..s_T` by `jax.lax.scan` from `s0`."""
 
     def body(s, eps):
@@ -189,10 +187,10 @@ def sequential_rollout(
 
 
 def mad_x(
-    traj: Float[Array, "T 4"] | Float[Array, " T"],
-    reference: Float[Array, "T 4"] | Float[Array, " T"],
-    x1: Float[Array, ""],
-) -> Float[Array, ""]:
+    traj: Array,
+    reference: Array,
+    x1: Array,
+) -> Array:
     """Mean absolute difference of the L = T + 1 sampled outputs, the convergence
     criterion of the ELK experiments:
 

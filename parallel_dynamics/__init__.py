@@ -11,6 +11,7 @@ from ._blocks import (
     IdentityBlocks as IdentityBlocks,
     ZeroBlocks as ZeroBlocks,
 )
+from ._diagnostics import lyapunov_exponent as lyapunov_exponent
 from ._jacobian import (
     AbstractJacobian as AbstractJacobian,
     BlockDiagonalJacobian as BlockDiagonalJacobian,

@@ -100,7 +100,8 @@ def lyapunov_exponent(
     step = lambda y, x, M: M @ y + x
     lyapunov_exponent(step, jnp.ones(2), jnp.zeros((2000, 2)), M)
     # ≈ log(0.9) = -0.105: contracting, so easy to parallelise
-    lyapunov_exponent(step, jnp.ones(2), None, M, length=2000, num_exponents=2)
+    autonomous = lambda y, x, M: M @ y  # no inputs: x is None
+    lyapunov_exponent(autonomous, jnp.ones(2), None, M, length=2000, num_exponents=2)
     # ≈ [log(0.9), log(0.5)] = [-0.105, -0.693]
     ```
     """

@@ -29,19 +29,19 @@ def test_linear_map_largest_exponent():
 def test_diagonal_map_all_exponents():
     d = jnp.array([0.5, 2.0, -1.5, 0.9])
     step = lambda y, x, a: d * y + x
-    inputs = jax.random.normal(jax.random.key(0), (500, 4))
+    inputs = jnp.asarray(np.random.default_rng(0).standard_normal((500, 4)))
     lles = lyapunov_exponent(step, jnp.ones(4), inputs, num_exponents=4)
     expected = np.sort(np.log(np.abs(np.asarray(d))))[::-1]
     np.testing.assert_allclose(np.asarray(lles), expected, atol=1e-10)
 
 
 def test_contracting_tanh_rnn_is_negative():
-    key_w, key_u, key_x = jax.random.split(jax.random.key(1), 3)
+    rng = np.random.default_rng(1)
     D = 8
-    W = 0.5 * jax.random.normal(key_w, (D, D)) / jnp.sqrt(D)
-    U = jax.random.normal(key_u, (D, 2))
+    W = jnp.asarray(0.5 * rng.standard_normal((D, D)) / np.sqrt(D))
+    U = jnp.asarray(rng.standard_normal((D, 2)))
     step = lambda h, x, a: jnp.tanh(a[0] @ h + a[1] @ x)
-    inputs = jax.random.normal(key_x, (1000, 2))
+    inputs = jnp.asarray(rng.standard_normal((1000, 2)))
     lle = lyapunov_exponent(step, jnp.zeros(D), inputs, (W, U))
     assert float(lle) < -0.1
 
@@ -64,36 +64,33 @@ def test_lorenz96_is_chaotic():
     y = F * jnp.ones(D) + 0.01 * jnp.arange(D)
     y, _ = jax.lax.scan(lambda u, _: (_lorenz96_rk4(u, None, F), None), y, length=500)
     lle = lyapunov_exponent(_lorenz96_rk4, y, args=F, length=2000)
-    # The LLE of Lorenz-96 with F = 8 is about 1.7 per unit time, so ~0.017 per step.
+    # With F = 8 the LLE of Lorenz-96 is about 1.7 per unit time for D = 40 and about
+    # 1.2 for D = 10 (long runs of this estimator give 1.14-1.19), i.e. ~0.012 per step.
     assert 0.008 < float(lle) < 0.03
 
 
 def test_pytree_state():
     a = jnp.array([0.5, -1.2])
-    b = 0.8
 
     def step(y, x, args):
         u, v = y
-        return (a * u + x, jnp.tanh(b * v) + u[0])
+        return (a * u + x, jnp.tanh(0.8 * v) + u[0])
 
-    y0 = (jnp.ones(2), jnp.zeros(()))
-    inputs = jnp.zeros((400, 2))
-    lles = lyapunov_exponent(step, y0, inputs, num_exponents=3)
-    # Block triangular: the u-block has exponents log 1.2 and log 0.5; u[0] -> 0, so
-    # v -> 0, the fixed point of tanh(0.8 v), and the v-block exponent is log 0.8.
+    # u[0] = 0 and v = 0 stay fixed, so J_t is constant and block triangular with
+    # exponents log 1.2, log 0.8 (the v-block at v = 0) and log 0.5.
+    y0 = (jnp.array([0.0, 1.0]), jnp.zeros(()))
+    lles = lyapunov_exponent(step, y0, jnp.zeros((2000, 2)), num_exponents=3)
     assert lles.shape == (3,)
-    np.testing.assert_allclose(
-        np.asarray(lles[jnp.array([0, 2])]), np.log([1.2, 0.5]), atol=1e-10
-    )
-    assert abs(float(lles[1]) - np.log(0.8)) < 1e-3
+    np.testing.assert_allclose(np.asarray(lles), np.log([1.2, 0.8, 0.5]), atol=2e-3)
+    assert abs(float(lles[0]) - np.log(1.2)) < 1e-10
 
 
 def test_trajectory_argument_matches_recomputation():
-    key_w, key_x = jax.random.split(jax.random.key(2))
+    rng = np.random.default_rng(2)
     D = 5
-    W = 1.5 * jax.random.normal(key_w, (D, D)) / jnp.sqrt(D)
+    W = jnp.asarray(1.5 * rng.standard_normal((D, D)) / np.sqrt(D))
     step = lambda h, x, W: jnp.tanh(W @ h + x)
-    inputs = jax.random.normal(key_x, (300, D))
+    inputs = jnp.asarray(rng.standard_normal((300, D)))
     h0 = jnp.full((D,), 0.1)
     _, traj = jax.lax.scan(lambda h, x: (step(h, x, W),) * 2, h0, inputs)
     direct = lyapunov_exponent(step, h0, inputs, W, num_exponents=D)
