@@ -24,6 +24,7 @@ from ._jacobian import (
 )
 from ._linear_solver import (
     AbstractScanSolver as AbstractScanSolver,
+    AutoScan as AutoScan,
     ChunkedScan as ChunkedScan,
     dense_blocks_from_operator as dense_blocks_from_operator,
     ParallelScan as ParallelScan,

@@ -1,5 +1,6 @@
 from .scan import (
     AbstractScanSolver as AbstractScanSolver,
+    AutoScan as AutoScan,
     ChunkedScan as ChunkedScan,
     dense_blocks_from_operator as dense_blocks_from_operator,
     ParallelScan as ParallelScan,

@@ -232,7 +232,7 @@ def dense_smoother_parallel(
     elems = jax.vmap(_dense_filter_element)(A_eff, b_eff, obs, lam)
     _, m, P, _, _ = lax.associative_scan(jax.vmap(_dense_filter_combine), elems)
     E, g = jax.vmap(_dense_smoother_element)(m[:-1], P[:-1], A[1:], b[1:])
-    E = jnp.concatenate([E, jnp.zeros_like(E[:1])])
+    E = jnp.concatenate([E, jnp.zeros((1,) + E.shape[1:], E.dtype)])
     g = jnp.concatenate([g, m[-1:]])
     _, x = lax.associative_scan(jax.vmap(_smoother_combine), (E, g), reverse=True)
     return x
@@ -248,7 +248,7 @@ def dense_smoother_sequential(
     r"""Kalman smoother mean in $O(T)$ depth: a Kalman filter then a
     Rauch–Tung–Striebel pass.
 
-    Same problem and arguments as [`parallel_dynamics._linear_solver.kalman.dense_smoother_parallel`][],
+    Same problem and arguments as `dense_smoother_parallel`,
     with the least work, $O(T D^3)$, and the fewest synchronisations: the method of
     choice on CPU. The filter update uses $P_t = (I + \lambda_t P_t^-)^{-1} P_t^-$ and
     $m_t = (I + \lambda_t P_t^-)^{-1} (m_t^- + \lambda_t P_t^- o_t)$, where
@@ -268,7 +268,7 @@ def dense_smoother_sequential(
 
     The smoothed means $\mathbb{E}[x_t \mid o_{1:T}]$, shape `(T, D)`, in the dtype of
     the inputs.
-    """  # noqa: E501
+    """
     A, b, x0, obs = map(jnp.asarray, (A, b, x0, obs))
     _check_dense(A, b, x0, obs, "dense_smoother_sequential")
     A, b, x0, obs, lam = _canonicalise(A, b, x0, obs, lam, A.shape[:1])
@@ -353,7 +353,7 @@ def diagonal_smoother_parallel(
     in $O(\log T)$ depth.
 
     The problem splits into $D$ independent scalar smoothers (quasi-ELK). Same
-    elements as [`parallel_dynamics._linear_solver.kalman.dense_smoother_parallel`][],
+    elements as `dense_smoother_parallel`,
     with elementwise arithmetic only: $O(T D)$ work and memory.
 
     **Arguments:**
@@ -378,7 +378,7 @@ def diagonal_smoother_parallel(
     elems = _diagonal_filter_element(a_eff, b_eff, obs, lam)
     _, m, p, _, _ = lax.associative_scan(_diagonal_filter_combine, elems)
     e, g = _diagonal_smoother_element(m[:-1], p[:-1], a[1:], b[1:])
-    e = jnp.concatenate([e, jnp.zeros_like(e[:1])])
+    e = jnp.concatenate([e, jnp.zeros((1,) + e.shape[1:], e.dtype)])
     g = jnp.concatenate([g, m[-1:]])
     _, x = lax.associative_scan(_diagonal_smoother_combine, (e, g), reverse=True)
     return x
@@ -472,7 +472,7 @@ def block_diagonal_smoother_parallel(
 
     $A_t = \operatorname{blockdiag}(A_{t,1}, \dots, A_{t,B})$ with $k \times k$ blocks,
     $D = B k$: the problem splits into $B$ independent $k$-dimensional smoothers, each
-    solved by [`parallel_dynamics._linear_solver.kalman.dense_smoother_parallel`][].
+    solved by `dense_smoother_parallel`.
     $O(T D k^2)$ work.
 
     **Arguments:**
@@ -503,9 +503,9 @@ def block_diagonal_smoother_sequential(
 ) -> Inexact[Array, "T D"]:
     r"""Kalman smoother mean for block-diagonal transitions, in $O(T)$ depth.
 
-    As [`parallel_dynamics._linear_solver.kalman.block_diagonal_smoother_parallel`][],
+    As `block_diagonal_smoother_parallel`,
     with each block solved by
-    [`parallel_dynamics._linear_solver.kalman.dense_smoother_sequential`][].
+    `dense_smoother_sequential`.
 
     **Arguments:**
 

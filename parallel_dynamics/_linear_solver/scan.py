@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, PyTree
 
-from .._blocks import AbstractBlocks, DenseBlocks
+from .._blocks import AbstractBlocks, BlockDiagonalBlocks, DenseBlocks
 from .._operator import BlockBidiagonalOperator, successor_blocks
 from .._scan import chunked_scan, parallel_scan, sequential_scan
 
@@ -123,6 +123,24 @@ class ChunkedScan(AbstractScanSolver):
         )
 
 
+class AutoScan(AbstractScanSolver):
+    """Chooses the scan by the block structure and the backend.
+
+    On accelerators, always the parallel scan. On CPU, where there is little
+    parallelism to exploit, dense and block-diagonal blocks use the sequential scan (a
+    parallel scan composes $D \\times D$ blocks, $O(D^3)$ work per step, to save depth a
+    CPU cannot use), while diagonal, identity and zero blocks keep the parallel scan,
+    which vectorises well even on a CPU.
+    """
+
+    def _solve(self, blocks, offsets, reverse):
+        on_cpu = jax.default_backend() == "cpu"
+        if on_cpu and isinstance(blocks, (DenseBlocks, BlockDiagonalBlocks)):
+            return sequential_scan(blocks, offsets, reverse=reverse)
+        return parallel_scan(blocks, offsets, reverse=reverse)
+
+
+AutoScan.__init__.__doc__ = """**Arguments:** Nothing."""
 ParallelScan.__init__.__doc__ = """**Arguments:** Nothing."""
 SequentialScan.__init__.__doc__ = """**Arguments:** Nothing."""
 ChunkedScan.__init__.__doc__ = """**Arguments:**

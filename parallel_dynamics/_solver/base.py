@@ -36,7 +36,7 @@ class IterationState(eqx.Module):
 
     step: Int[Array, ""]
     diffsize: Scalar  # scaled norm of the last update
-    residual_size: Scalar  # scaled norm of the residual it was computed from
+    diffsize_prev: Scalar  # and of the one before
     residual_norm: Scalar  # unscaled norm of that residual
     result: optx.RESULTS
 
@@ -70,7 +70,7 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         return IterationState(
             step=jnp.array(0),
             diffsize=inf,
-            residual_size=inf,
+            diffsize_prev=inf,
             residual_norm=inf,
             result=optx.RESULTS.successful,
         )
@@ -78,12 +78,11 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
     def terminate(self, fn, y, args, options, state: IterationState, tags):
         del fn, options, tags
         recurrence = as_recurrence(args, self)
-        converged = (state.diffsize < 1) & (state.residual_size < 1)
         # The prefix property: after i iterations the first i states are exact, for
         # every choice of A_t, so T iterations solve the recurrence.
         exact = state.step >= recurrence.length
         failed = state.result != optx.RESULTS.successful
-        return converged | exact | failed, state.result
+        return converged(state) | exact | failed, state.result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         del fn, options, tags, result
@@ -91,15 +90,32 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         final_residual = self.norm(recurrence.residual(y))
         return y, aux, {"residual_norm": final_residual}
 
-    def measure(
-        self, y: Array, update: Array, residual: Array
-    ) -> tuple[Scalar, Scalar, Scalar]:
-        """Scaled sizes of an update and of a residual, and the residual's norm."""
+    def scaled_size(self, y: Array, update: Array) -> Scalar:
+        """$\\lVert \\Delta / (\\text{atol} + \\text{rtol}\\,|Y|) \\rVert$."""
         rtol, atol = self.tolerances(y.dtype)
-        scale = atol + rtol * jnp.abs(y)
-        diffsize = self.norm(update / scale)
-        residual_size = self.norm(residual / scale)
-        return diffsize, residual_size, self.norm(residual)
+        return self.norm(update / (atol + rtol * jnp.abs(y)))
+
+
+def converged(state: IterationState) -> Bool[Array, ""]:
+    """Whether the iterate *after* the last update is within tolerance.
+
+    With the scaled update sizes $d_k$ and the observed contraction rate
+    $\\theta = d_k / d_{k-1}$, the error left after the update is estimated as
+    $d_k \\theta / (1 - \\theta)$ (Hairer & Wanner, *Solving ODEs II*, IV.8). It must be
+    below 1, and so must $d_k$ itself unless the iteration is clearly superlinear
+    ($\\theta < 0.1$, Newton near the root, where this saves the last iteration).
+    Slowly contracting iterations ($\\theta \\to 1$) thereby need updates well below
+    tolerance before they stop. Updates that no longer shrink ($\\theta \\geq 1$) have
+    reached the rounding floor when two in a row are below tolerance.
+    """
+    first = state.step <= 1
+    rate = state.diffsize / state.diffsize_prev
+    contracting = rate < 1
+    predicted = state.diffsize * rate / jnp.where(contracting, 1 - rate, 1)
+    small = state.diffsize < 1
+    extrapolated = contracting & (predicted < 1) & (small | (rate < 0.1))
+    floor = ~contracting & small & (state.diffsize_prev < 1)
+    return jnp.where(first, small, extrapolated | floor)
 
 
 def print_progress(name: str, state: IterationState):

@@ -5,7 +5,7 @@ import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
 from .._jacobian import AbstractJacobian, IdentityJacobian, ZeroJacobian
-from .._linear_solver.scan import ParallelScan
+from .._linear_solver.scan import AutoScan
 from .newton import AbstractNewton
 
 
@@ -21,7 +21,7 @@ class Picard(AbstractNewton):
     rtol: float | None = None
     atol: float | None = None
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    linear_solver: lx.AbstractLinearSolver = ParallelScan()
+    linear_solver: lx.AbstractLinearSolver = AutoScan()
     verbose: bool = False
 
     @property
@@ -40,7 +40,7 @@ class Jacobi(AbstractNewton):
     rtol: float | None = None
     atol: float | None = None
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    linear_solver: lx.AbstractLinearSolver = ParallelScan()
+    linear_solver: lx.AbstractLinearSolver = AutoScan()
     verbose: bool = False
 
     @property

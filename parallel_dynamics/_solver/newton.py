@@ -15,7 +15,7 @@ from .._jacobian import (
     ExactDiagonal,
     StochasticDiagonal,
 )
-from .._linear_solver.scan import ParallelScan
+from .._linear_solver.scan import AutoScan
 from .._operator import BlockBidiagonalOperator
 from .base import (
     AbstractRecurrenceSolver,
@@ -41,9 +41,11 @@ class AbstractNewton(AbstractRecurrenceSolver):
     with $A_t = 0$ Jacobi iteration.
 
     Whatever $A_t$ is, after $i$ iterations the first $i$ states are exact, so at most
-    $T$ iterations are needed. The solve stops when both the update and the residual
-    are below tolerance, $\\lVert \\Delta / (\\text{atol} + \\text{rtol}\\,|Y|)\\rVert < 1$
-    and $\\lVert F(Y) / (\\text{atol} + \\text{rtol}\\,|Y|)\\rVert < 1$. A non-finite
+    $T$ iterations are needed. The solve stops when the error left after the update,
+    estimated from the size of the update
+    $d = \\lVert \\Delta / (\\text{atol} + \\text{rtol}\\,|Y|)\\rVert$ and the observed
+    contraction rate $\\theta$ as $d\\,\\theta / (1 - \\theta)$, is below 1 (see
+    [`parallel_dynamics.AbstractRecurrenceSolver`][]). A non-finite
     update is never accepted: the solve stops with `RESULTS.nonfinite` and keeps the
     last finite iterate.
     """
@@ -67,12 +69,11 @@ class AbstractNewton(AbstractRecurrenceSolver):
         update = lx.linear_solve(operator, residual, self.linear_solver, throw=False)
         new_y = y - update.value
         finite = all_finite(new_y, residual)
-        diffsize, residual_size, residual_norm = self.measure(y, update.value, residual)
         new_state = IterationState(
             step=state.step + 1,
-            diffsize=diffsize,
-            residual_size=residual_size,
-            residual_norm=residual_norm,
+            diffsize=self.scaled_size(y, update.value),
+            diffsize_prev=state.diffsize,
+            residual_norm=self.norm(residual),
             result=optx.RESULTS.where(
                 finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
             ),
@@ -107,7 +108,7 @@ class Newton(AbstractNewton):
     atol: float | None = None
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     jacobian: AbstractJacobian = DenseJacobian()
-    linear_solver: lx.AbstractLinearSolver = ParallelScan()
+    linear_solver: lx.AbstractLinearSolver = AutoScan()
     verbose: bool = False
 
 
@@ -136,7 +137,7 @@ class DEER(AbstractNewton):
     rtol: float | None = None
     atol: float | None = None
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    linear_solver: lx.AbstractLinearSolver = ParallelScan()
+    linear_solver: lx.AbstractLinearSolver = AutoScan()
     verbose: bool = False
 
     @property
@@ -191,7 +192,7 @@ class QuasiDEER(AbstractNewton):
         diagonal: str | Callable | AbstractJacobian = "exact",
         num_probes: int = 1,
         key: PRNGKeyArray | None = None,
-        linear_solver: lx.AbstractLinearSolver = ParallelScan(),
+        linear_solver: lx.AbstractLinearSolver = AutoScan(),
         verbose: bool = False,
     ):
         self.rtol = rtol
@@ -238,7 +239,7 @@ class BlockQuasiDEER(AbstractNewton):
         rtol: float | None = None,
         atol: float | None = None,
         norm: Callable[[PyTree], Scalar] = optx.max_norm,
-        linear_solver: lx.AbstractLinearSolver = ParallelScan(),
+        linear_solver: lx.AbstractLinearSolver = AutoScan(),
         verbose: bool = False,
     ):
         self.rtol = rtol
@@ -258,8 +259,8 @@ _newton_args = """
 """
 _solver_args = """
 - `linear_solver`: the Lineax solver of the block bidiagonal system:
-    [`parallel_dynamics.ParallelScan`][] (default), [`parallel_dynamics.ChunkedScan`][]
-    or [`parallel_dynamics.SequentialScan`][].
+    [`parallel_dynamics.AutoScan`][] (default), [`parallel_dynamics.ParallelScan`][],
+    [`parallel_dynamics.ChunkedScan`][] or [`parallel_dynamics.SequentialScan`][].
 - `verbose`: print the residual norm and the scaled update at every iteration.
 """
 

@@ -43,7 +43,7 @@ class Sequential(AbstractRecurrenceSolver):
         new_state = IterationState(
             step=state.step + 1,
             diffsize=zero,
-            residual_size=zero,
+            diffsize_prev=zero,
             residual_norm=zero,
             result=optx.RESULTS.where(
                 finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
