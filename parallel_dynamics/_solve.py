@@ -173,7 +173,8 @@ def solve(
         default) uses the implicit function theorem with a reverse parallel scan, never
         backpropagating through the iterations. Keyword only.
     - `throw`: if `True`, a failed solve (maximum steps reached, non-finite values)
-        raises an error, as in `optimistix.root_find`. If `False`, the failure is
+        raises an error that says what happened and what to try, as
+        `optimistix.root_find` does. If `False`, the failure is
         reported in `sol.result` and `sol.value` holds the last finite iterate.
         Keyword only.
 
@@ -249,6 +250,35 @@ def solve(
         args=recurrence,
         max_steps=max_steps,
         adjoint=adjoint,
-        throw=throw,
+        throw=False,
     )
+    if throw:
+        sol = _raise_on_failure(sol)
     return eqx.tree_at(lambda s: s.value, sol, layout.unflatten_trajectory(sol.value))
+
+
+_NONFINITE_MESSAGE = (
+    "parallel_dynamics.solve: the iteration produced non-finite values (inf or NaN), "
+    "either from the step itself or because the linearised recurrence overflowed, as "
+    "Newton's method (DEER) does on unstable or chaotic maps in floating point. The "
+    "last finite iterate is kept. Try `pdyn.ELK`/`pdyn.QuasiELK` (damped steps that "
+    "stay finite), float64, a better `init`, or `pdyn.Sequential()`; pass "
+    "`throw=False` to inspect `sol.value` and `sol.result`."
+)
+_MAX_STEPS_MESSAGE = (
+    "parallel_dynamics.solve: the solver did not converge within `max_steps` "
+    "iterations. Every Newton-type solver is exact after T iterations, so "
+    "`max_steps=None` (the default, T) always suffices; slow convergence usually means "
+    "a chaotic or weakly contracting map (see `pdyn.lyapunov_exponent`). Try "
+    "`pdyn.DEER` or `pdyn.ELK` instead of a quasi or fixed-point method, looser "
+    "tolerances, or `pdyn.Sequential()`; pass `throw=False` to inspect the result."
+)
+
+
+def _raise_on_failure(sol: optx.Solution) -> optx.Solution:
+    result = sol.result
+    sol = eqx.error_if(sol, result == optx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
+    sol = eqx.error_if(
+        sol, result == optx.RESULTS.nonlinear_max_steps_reached, _MAX_STEPS_MESSAGE
+    )
+    return result.error_if(sol, result != optx.RESULTS.successful)
