@@ -169,7 +169,8 @@ def test_max_steps_reached():
 def test_errors_raise_under_jit_too():
     @jax.jit
     def solve(y0):
-        return pdyn.solve(step, pdyn.DEER(), y0, jnp.ones((5, 2))).value
+        bad_step = lambda y, x, args: jnp.concatenate([y, x])
+        return pdyn.solve(bad_step, pdyn.DEER(), y0, jnp.ones((5, 2))).value
 
-    with pytest.raises(ValueError, match="`step`"):
+    with pytest.raises(ValueError, match="`step`.*shapes"):
         solve(jnp.zeros(3))
