@@ -27,6 +27,7 @@ from ._linear_solver import (
     AutoScan as AutoScan,
     ChunkedScan as ChunkedScan,
     dense_blocks_from_operator as dense_blocks_from_operator,
+    IterativeScan as IterativeScan,
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
 )

@@ -5,7 +5,19 @@ import lineax as lx
 import optimistix as optx
 from optimistix.internal import implicit_jvp
 
-from ._linear_solver.scan import ParallelScan
+from ._jacobian import BlockDiagonalJacobian, DenseJacobian
+from ._linear_solver.iterative import IterativeScan
+from ._linear_solver.scan import AutoScan
+
+
+def default_adjoint_solver(solver: optx.AbstractRootFinder) -> lx.AbstractLinearSolver:
+    """The dense scan for solvers that already hold $O(T D^2)$ memory (DEER, block
+    quasi-Newton, sequential); the memory-lean iterative scan for the quasi and
+    fixed-point solvers, which were chosen for $O(T D)$ memory."""
+    jacobian = getattr(solver, "jacobian", None)
+    if jacobian is None or isinstance(jacobian, (DenseJacobian, BlockDiagonalJacobian)):
+        return AutoScan()
+    return IterativeScan()
 
 
 class ImplicitAdjoint(optx.AbstractAdjoint):
@@ -28,20 +40,34 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
     no stored iterations.
 
     `linear_solver` solves those systems; it receives the Jacobian of the residual as a
-    `lineax.JacobianLinearOperator`. The default [`parallel_dynamics.ParallelScan`][]
-    recovers the dense blocks $J_t$ with $D$ Jacobian-vector products (memory
-    $O(T D^2)$) and runs the (reverse) parallel scan.
+    `lineax.JacobianLinearOperator`. Two kinds fit:
+
+    - a scan solver ([`parallel_dynamics.AutoScan`][],
+      [`parallel_dynamics.ParallelScan`][], ...) recovers the dense blocks $J_t$ with
+      $D$ Jacobian-vector products and runs one (reverse) scan: exact, memory
+      $O(T D^2)$;
+    - [`parallel_dynamics.IterativeScan`][] refines with true Jacobian-vector (or
+      vector-Jacobian) products, preconditioned by the diagonal blocks: exact to its
+      tolerance (and exactly after $T$ iterations), memory $O(T D)$.
+
+    By default (`linear_solver=None`) DEER, block quasi-Newton and sequential solves
+    use `AutoScan()`, and quasi-DEER, Picard and Jacobi, which were chosen for their
+    $O(T D)$ memory, use `IterativeScan()`.
     """
 
-    linear_solver: lx.AbstractLinearSolver = ParallelScan()
+    linear_solver: lx.AbstractLinearSolver | None = None
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
+        linear_solver = self.linear_solver
+        if linear_solver is None:
+            _, solver, *_ = inputs
+            linear_solver = default_adjoint_solver(solver)
         inputs = inputs + (ft.partial(eqxi.while_loop, kind="lax"),)
-        return implicit_jvp(primal_fn, rewrite_fn, inputs, tags, self.linear_solver)
+        return implicit_jvp(primal_fn, rewrite_fn, inputs, tags, linear_solver)
 
 
 ImplicitAdjoint.__init__.__doc__ = """**Arguments:**
 
 - `linear_solver`: the Lineax solver for the linear systems of the tangent and
-    cotangent passes. Defaults to [`parallel_dynamics.ParallelScan`][].
+    cotangent passes; `None` (default) chooses per solver, as above.
 """

@@ -1,3 +1,4 @@
+from .iterative import IterativeScan as IterativeScan
 from .scan import (
     AbstractScanSolver as AbstractScanSolver,
     AutoScan as AutoScan,
