@@ -26,8 +26,11 @@ from ._linear_solver import (
     AbstractScanSolver as AbstractScanSolver,
     AutoScan as AutoScan,
     ChunkedScan as ChunkedScan,
+    DampedBidiagonalOperator as DampedBidiagonalOperator,
     dense_blocks_from_operator as dense_blocks_from_operator,
     IterativeScan as IterativeScan,
+    kalman_smooth as kalman_smooth,
+    KalmanSmoother as KalmanSmoother,
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
 )
@@ -40,14 +43,21 @@ from ._scan import (
 )
 from ._solve import solve as solve
 from ._solver import (
+    AbstractDamping as AbstractDamping,
+    AbstractLevenbergMarquardt as AbstractLevenbergMarquardt,
     AbstractNewton as AbstractNewton,
     AbstractRecurrenceSolver as AbstractRecurrenceSolver,
+    AdaptiveDamping as AdaptiveDamping,
     BlockQuasiDEER as BlockQuasiDEER,
     DEER as DEER,
+    ELK as ELK,
+    FixedDamping as FixedDamping,
     Jacobi as Jacobi,
+    LevenbergMarquardt as LevenbergMarquardt,
     Newton as Newton,
     Picard as Picard,
     QuasiDEER as QuasiDEER,
+    QuasiELK as QuasiELK,
     Sequential as Sequential,
 )
 

@@ -7,3 +7,8 @@ from .scan import (
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
 )
+from .smoother import (
+    DampedBidiagonalOperator as DampedBidiagonalOperator,
+    kalman_smooth as kalman_smooth,
+    KalmanSmoother as KalmanSmoother,
+)

@@ -1,5 +1,14 @@
 from .base import AbstractRecurrenceSolver as AbstractRecurrenceSolver
 from .fixed_point import Jacobi as Jacobi, Picard as Picard
+from .levenberg_marquardt import (
+    AbstractDamping as AbstractDamping,
+    AbstractLevenbergMarquardt as AbstractLevenbergMarquardt,
+    AdaptiveDamping as AdaptiveDamping,
+    ELK as ELK,
+    FixedDamping as FixedDamping,
+    LevenbergMarquardt as LevenbergMarquardt,
+    QuasiELK as QuasiELK,
+)
 from .newton import (
     AbstractNewton as AbstractNewton,
     BlockQuasiDEER as BlockQuasiDEER,

@@ -82,7 +82,8 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         # every choice of A_t, so T iterations solve the recurrence.
         exact = state.step >= recurrence.length
         failed = state.result != optx.RESULTS.successful
-        return converged(state) | exact | failed, state.result
+        done = converged(state.step, state.diffsize, state.diffsize_prev)
+        return done | exact | failed, state.result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         del fn, options, tags, result
@@ -96,7 +97,9 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         return self.norm(update / (atol + rtol * jnp.abs(y)))
 
 
-def converged(state: IterationState) -> Bool[Array, ""]:
+def converged(
+    num_updates: Int[Array, ""], diffsize: Scalar, diffsize_prev: Scalar
+) -> Bool[Array, ""]:
     """Whether the iterate *after* the last update is within tolerance.
 
     With the scaled update sizes $d_k$ and the observed contraction rate
@@ -108,14 +111,14 @@ def converged(state: IterationState) -> Bool[Array, ""]:
     tolerance before they stop. Updates that no longer shrink ($\\theta \\geq 1$) have
     reached the rounding floor when two in a row are below tolerance.
     """
-    first = state.step <= 1
-    rate = state.diffsize / state.diffsize_prev
+    first = num_updates <= 1
+    rate = diffsize / diffsize_prev
     contracting = rate < 1
-    predicted = state.diffsize * rate / jnp.where(contracting, 1 - rate, 1)
-    small = state.diffsize < 1
+    predicted = diffsize * rate / jnp.where(contracting, 1 - rate, 1)
+    small = diffsize < 1
     extrapolated = contracting & (predicted < 1) & (small | (rate < 0.1))
-    floor = ~contracting & small & (state.diffsize_prev < 1)
-    return jnp.where(first, small, extrapolated | floor)
+    floor = ~contracting & small & (diffsize_prev < 1)
+    return (num_updates >= 1) & jnp.where(first, small, extrapolated | floor)
 
 
 def print_progress(name: str, state: IterationState):

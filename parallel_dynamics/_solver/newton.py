@@ -148,6 +148,28 @@ class DEER(AbstractNewton):
 _DIAGONALS = ("exact", "elementwise", "stochastic")
 
 
+def diagonal_jacobian(
+    diagonal: str | Callable | AbstractJacobian, num_probes: int, key: PRNGKeyArray
+) -> AbstractJacobian:
+    """The diagonal Jacobian structure named by the `diagonal` argument of the quasi
+    solvers."""
+    if isinstance(diagonal, AbstractJacobian):
+        return diagonal
+    if diagonal == "exact":
+        return ExactDiagonal()
+    if diagonal == "elementwise":
+        return ExactDiagonal(elementwise=True)
+    if diagonal == "stochastic":
+        return StochasticDiagonal(num_probes=num_probes, key=key)
+    if callable(diagonal):
+        return DiagonalFunction(diagonal)
+    raise ValueError(
+        f"`diagonal` must be one of {_DIAGONALS}, a callable "
+        "`diagonal_fn(y_prev, x, args)` or a `parallel_dynamics.AbstractJacobian`; got "
+        f"{diagonal!r}."
+    )
+
+
 class QuasiDEER(AbstractNewton):
     """Quasi-DEER (Gonzalez et al., NeurIPS 2024): quasi-Newton on the trajectory with
     diagonal blocks $A_t = \\operatorname{diag}(J_t)$.
@@ -200,23 +222,9 @@ class QuasiDEER(AbstractNewton):
         self.norm = norm
         self.linear_solver = linear_solver
         self.verbose = verbose
-        if isinstance(diagonal, AbstractJacobian):
-            self.jacobian = diagonal
-        elif diagonal == "exact":
-            self.jacobian = ExactDiagonal()
-        elif diagonal == "elementwise":
-            self.jacobian = ExactDiagonal(elementwise=True)
-        elif diagonal == "stochastic":
-            key = jr.key(0) if key is None else key
-            self.jacobian = StochasticDiagonal(num_probes=num_probes, key=key)
-        elif callable(diagonal):
-            self.jacobian = DiagonalFunction(diagonal)
-        else:
-            raise ValueError(
-                f"`diagonal` must be one of {_DIAGONALS}, a callable "
-                "`diagonal_fn(y_prev, x, args)` or a `parallel_dynamics.AbstractJacobian`;"
-                f" got {diagonal!r}."
-            )
+        self.jacobian = diagonal_jacobian(
+            diagonal, num_probes, jr.key(0) if key is None else key
+        )
 
 
 class BlockQuasiDEER(AbstractNewton):

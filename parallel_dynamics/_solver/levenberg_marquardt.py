@@ -1,0 +1,390 @@
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
+
+from .._jacobian import AbstractJacobian, DenseJacobian
+from .._linear_solver.smoother import DampedBidiagonalOperator, KalmanSmoother
+from .._operator import BlockBidiagonalOperator
+from .base import AbstractRecurrenceSolver, all_finite, as_recurrence
+from .newton import diagonal_jacobian
+
+
+class AbstractDamping(eqx.Module):
+    """How the Levenberg–Marquardt damping $\\lambda$ evolves and which steps are
+    accepted."""
+
+    @abc.abstractmethod
+    def init(self, dtype) -> tuple[Scalar, Scalar]:
+        """The initial damping and the strategy's own scalar state."""
+
+    @abc.abstractmethod
+    def update(
+        self, damping: Scalar, memory: Scalar, ratio: Scalar
+    ) -> tuple[Bool[Array, ""], Scalar, Scalar]:
+        """Given the ratio $\\rho$ of actual to predicted decrease of $\\lVert F\\rVert^2$
+        for a finite trial step, whether to accept it, the next damping and the next
+        state."""
+
+    def stalled(self, damping: Scalar) -> Bool[Array, ""]:
+        """Whether the damping has grown so large that no progress is possible."""
+        del damping
+        return jnp.array(False)
+
+
+class FixedDamping(AbstractDamping):
+    """A constant damping $\\lambda$ and every finite step accepted: the behaviour of
+    the ELK paper's reference code (which writes $\\lambda = 1/\\sigma^2$ with a prior
+    variance $\\sigma^2$), kept for comparison. It must be tuned by hand per problem.
+    """
+
+    damping: float
+
+    def __check_init__(self):
+        if not self.damping > 0:
+            raise ValueError(f"`damping` must be positive, got {self.damping}.")
+
+    def init(self, dtype):
+        return jnp.array(self.damping, dtype), jnp.array(1.0, dtype)
+
+    def update(self, damping, memory, ratio):
+        del ratio
+        return jnp.array(True), damping, memory
+
+
+class AdaptiveDamping(AbstractDamping):
+    """Nielsen's rule (Nielsen 1999; Madsen, Nielsen & Tingleff 2004): accept a step
+    when $\\rho > $ `accept_ratio`; then $\\lambda \\leftarrow \\lambda
+    \\max(\\tfrac13, 1 - (2\\rho - 1)^3)$ and $\\nu \\leftarrow 2$, otherwise
+    $\\lambda \\leftarrow \\nu \\lambda$ and $\\nu \\leftarrow 2 \\nu$. Good steps shrink
+    $\\lambda$ towards Newton's method; each rejection grows it ever faster.
+    """
+
+    initial: float = 1.0
+    accept_ratio: float = 1e-4
+    max_damping: float = 1e16
+
+    def __check_init__(self):
+        if not self.initial > 0:
+            raise ValueError(f"`initial` must be positive, got {self.initial}.")
+        if not 0 <= self.accept_ratio < 1:
+            raise ValueError(
+                f"`accept_ratio` must lie in [0, 1), got {self.accept_ratio}."
+            )
+
+    def init(self, dtype):
+        return jnp.array(self.initial, dtype), jnp.array(2.0, dtype)
+
+    def stalled(self, damping):
+        return damping >= self.max_damping
+
+    def update(self, damping, memory, ratio):
+        accept = ratio > self.accept_ratio
+        tiny = np.finfo(damping.dtype).tiny ** 0.5
+        shrink = jnp.maximum(1 / 3, 1 - (2 * ratio - 1) ** 3)
+        new_damping = jnp.where(accept, damping * shrink, damping * memory)
+        new_damping = jnp.clip(new_damping, tiny, self.max_damping)
+        new_memory = jnp.where(accept, 2.0, jnp.minimum(2 * memory, 2.0**30))
+        return accept, new_damping, new_memory.astype(memory.dtype)
+
+
+class _LevenbergMarquardtState(eqx.Module):
+    step: Int[Array, ""]
+    window: Int[Array, ""]
+    converged: Bool[Array, ""]
+    exact_prefix: Int[Array, ""]
+    residual_norm: Scalar
+    damping: Scalar
+    damping_memory: Scalar
+    result: optx.RESULTS
+
+
+def first_unconverged(defect: Array) -> Int[Array, ""]:
+    """The first time index whose scaled defect is not below one ($T$ if none is)."""
+    bad = jnp.max(defect, axis=1) >= 1
+    return jnp.where(jnp.any(bad), jnp.argmax(bad), bad.shape[0])
+
+
+class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
+    """Levenberg–Marquardt on the trajectory: each step minimises
+
+    $$\\lVert F(Y) - L \\Delta \\rVert^2 + \\lambda \\lVert \\Delta \\rVert^2,$$
+
+    with $L$ the block bidiagonal operator of the blocks $A_t \\approx J_t$ (the
+    `jacobian` structure), and proposes $Y - \\Delta$. That is the posterior mean of a
+    linear-Gaussian state-space model, so the step is a Kalman smoother
+    ([`parallel_dynamics.KalmanSmoother`][]) — parallel over time, and finite even
+    where the undamped (DEER) scan overflows, because the damping bounds the filter.
+
+    A trial step is accepted or rejected by the ratio $\\rho$ of the actual decrease of
+    $\\lVert F \\rVert^2$ to the decrease the linear model predicts, and the damping
+    adapts (`damping`, [`parallel_dynamics.AdaptiveDamping`][] by default).
+
+    **The prefix guarantee.** Damping breaks the causal structure that makes every
+    Newton-type iteration exact after $T$ steps (a smoother lets later residuals move
+    earlier states), and on chaotic maps $\\lVert F \\rVert^2$ is so ill-conditioned
+    that plain Levenberg–Marquardt stalls. So each step keeps the already-converged
+    prefix $t < k$ fixed (its damping is pinned to $1/\\varepsilon$) and sets $y_k$ to
+    $f(y_{k-1}, x_k)$ exactly. If the trial is rejected, its converged prefix is still
+    kept (the rest of the trajectory stays as it was). Either way the converged prefix
+    grows by at least one step per iteration, so at most $T$ iterations are needed, as
+    for DEER, while well-conditioned problems converge in a few damped Newton steps.
+
+    The solve stops when every step satisfies the recurrence to tolerance,
+    $|F(Y)_t| < \\text{atol} + \\text{rtol}\\,|y_t|$ componentwise. The iterate is
+    always finite; the solve fails with `RESULTS.nonfinite` only if the step itself
+    produces non-finite values at a finite iterate.
+    """
+
+    jacobian: eqx.AbstractVar[AbstractJacobian]
+    damping: eqx.AbstractVar[AbstractDamping]
+    linear_solver: eqx.AbstractVar[lx.AbstractLinearSolver]
+    verbose: eqx.AbstractVar[bool]
+    always_accept_finite = False
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        del fn, args, options, f_struct, aux_struct, tags
+        self.check_tolerances()
+        damping, memory = self.damping.init(y.dtype)
+        return _LevenbergMarquardtState(
+            step=jnp.array(0),
+            window=jnp.array(y.shape[0]),
+            converged=jnp.array(False),
+            exact_prefix=jnp.array(0),
+            residual_norm=jnp.array(jnp.inf, y.dtype),
+            damping=damping,
+            damping_memory=memory,
+            result=optx.RESULTS.successful,
+        )
+
+    def defect(self, y: Array, residual: Array) -> Array:
+        """The componentwise residual relative to the tolerance."""
+        rtol, atol = self.tolerances(y.dtype)
+        return jnp.abs(residual) / (atol + rtol * jnp.abs(y))
+
+    def step(self, fn, y, args, options, state: _LevenbergMarquardtState, tags):
+        del fn, options, tags
+        recurrence = as_recurrence(args, self)
+        length = recurrence.length
+        values, blocks = self.jacobian.linearise(
+            recurrence, recurrence.previous(y), state.step
+        )
+        residual = y - values
+        start = first_unconverged(self.defect(y, residual))
+        times = jnp.arange(length)
+        prefix = times < start
+        active = ~prefix & (times < start + state.window)
+        pinned = 1 / jnp.finfo(y.dtype).eps
+        damping = jnp.where(active, state.damping, pinned)
+        bidiagonal = BlockBidiagonalOperator(blocks)
+        operator = DampedBidiagonalOperator(bidiagonal, damping)
+        vector = (residual, jnp.zeros_like(residual))
+        update = lx.linear_solve(
+            operator, vector, self.linear_solver, throw=False
+        ).value
+        # Only the window moves; its first step is made exact: with y_{k-1}
+        # unchanged, y_k - F_k = f(y_{k-1}, x_k).
+        update = jnp.where(active[:, None], update, 0)
+        update = jnp.where((times == start)[:, None], residual, update)
+
+        trial = y - update
+        trial_residual = recurrence.residual(trial)
+        in_window = active[:, None]
+        merit = jnp.sum(jnp.where(in_window, residual, 0) ** 2)
+        model = jnp.where(in_window, residual - bidiagonal.mv(update), 0)
+        predicted = merit - jnp.sum(model**2)
+        actual = merit - jnp.sum(jnp.where(in_window, trial_residual, 0) ** 2)
+        ratio = actual / jnp.where(predicted > 0, predicted, jnp.inf)
+        finite = all_finite(trial, trial_residual)
+        accept, new_damping, memory = self.damping.update(
+            state.damping, state.damping_memory, jnp.where(finite, ratio, -jnp.inf)
+        )
+        accept = accept & finite
+        trial_defect = self.defect(trial, trial_residual)
+        trial_defect = jnp.where(jnp.isfinite(trial_defect), trial_defect, jnp.inf)
+        trial_start = first_unconverged(trial_defect)
+        # A rejected trial still contributes its converged prefix (at least y_k, which
+        # is exact); the rest of the trajectory stays as it was.
+        keep = accept | (times < trial_start)
+        new_y = jnp.where(keep[:, None], trial, y)
+        converged = accept & (trial_start == length)
+        # The window is a trust region in time: it doubles after a good step and
+        # halves after a rejected one, so that ill-conditioned (chaotic, unstable)
+        # problems are solved over horizons on which the linearisation is trusted.
+        window = jnp.where(
+            accept & (ratio > 0.25),
+            jnp.minimum(2 * state.window, length),
+            jnp.where(accept, state.window, jnp.maximum(state.window // 2, 1)),
+        )
+        result = optx.RESULTS.where(
+            all_finite(residual), optx.RESULTS.successful, optx.RESULTS.nonfinite
+        )
+        new_state = _LevenbergMarquardtState(
+            step=state.step + 1,
+            window=window,
+            converged=converged,
+            exact_prefix=jnp.maximum(trial_start, start + 1),
+            residual_norm=jnp.where(
+                accept, self.norm(trial_residual), self.norm(residual)
+            ),
+            damping=new_damping,
+            damping_memory=memory,
+            result=result,
+        )
+        if self.verbose:
+            _print_progress(type(self).__name__, new_state, accept, ratio)
+        return new_y, new_state, None
+
+    def terminate(self, fn, y, args, options, state: _LevenbergMarquardtState, tags):
+        del fn, y, options, tags
+        recurrence = as_recurrence(args, self)
+        # A trajectory whose every step is exact (the prefix covers all of it) is the
+        # solution even if the last trial was rejected.
+        exact = state.exact_prefix >= recurrence.length
+        failed = state.result != optx.RESULTS.successful
+        return state.converged | exact | failed, state.result
+
+
+def _print_progress(name, state, accept, ratio):
+    jax.debug.print(
+        name + " step {step}: residual norm {res:.3e}, "
+        "ratio {ratio:.3f}, accepted {accept}, damping {damping:.3e}, "
+        "converged prefix {prefix}, window {window}",
+        step=state.step,
+        res=state.residual_norm,
+        prefix=state.exact_prefix,
+        window=state.window,
+        ratio=ratio,
+        accept=accept,
+        damping=state.damping,
+    )
+
+
+class LevenbergMarquardt(AbstractLevenbergMarquardt):
+    """Levenberg–Marquardt with any Jacobian structure, damping strategy and smoother:
+    the general point of which [`parallel_dynamics.ELK`][] and
+    [`parallel_dynamics.QuasiELK`][] are named points."""
+
+    rtol: float | None = None
+    atol: float | None = None
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    jacobian: AbstractJacobian = DenseJacobian()
+    damping: AbstractDamping = AdaptiveDamping()
+    linear_solver: lx.AbstractLinearSolver = KalmanSmoother()
+    verbose: bool = False
+
+
+class ELK(AbstractLevenbergMarquardt):
+    """ELK (Gonzalez et al., NeurIPS 2024): Levenberg–Marquardt on the trajectory with
+    the dense Jacobian blocks, each step an exact parallel Kalman smoother, and the
+    damping adapted by [`parallel_dynamics.AdaptiveDamping`][] (pass
+    `damping=pdyn.FixedDamping(λ)` for the paper's fixed damping).
+
+    Stable where DEER overflows (unstable and chaotic maps, long sequences); $O(T D^3)$
+    work and $O(T D^2)$ memory per step. As $\\lambda \\to 0$ it becomes DEER.
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+        import parallel_dynamics as pdyn
+
+        step = lambda y, x, args: jnp.tanh(3.0 * y) + x  # DEER's first scan overflows
+        xs = 0.01 * jnp.ones((2000, 1), jnp.float32)
+        sol = pdyn.solve(step, pdyn.ELK(), jnp.zeros(1, jnp.float32), xs)
+        ```
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    damping: AbstractDamping = AdaptiveDamping()
+    linear_solver: lx.AbstractLinearSolver = KalmanSmoother()
+    verbose: bool = False
+
+    @property
+    def jacobian(self) -> AbstractJacobian:
+        return DenseJacobian()
+
+
+class QuasiELK(AbstractLevenbergMarquardt):
+    """Quasi-ELK (Gonzalez et al., NeurIPS 2024): Levenberg–Marquardt with the diagonal
+    of the Jacobian, each step $D$ independent scalar Kalman smoothers: $O(T D)$ work
+    and memory, with the stability of ELK's damping. The diagonal is chosen as in
+    [`parallel_dynamics.QuasiDEER`][].
+    """
+
+    rtol: float | None
+    atol: float | None
+    norm: Callable[[PyTree], Scalar]
+    jacobian: AbstractJacobian
+    damping: AbstractDamping
+    linear_solver: lx.AbstractLinearSolver
+    verbose: bool
+
+    def __init__(
+        self,
+        rtol: float | None = None,
+        atol: float | None = None,
+        norm: Callable[[PyTree], Scalar] = optx.max_norm,
+        diagonal: str | Callable | AbstractJacobian = "exact",
+        num_probes: int = 1,
+        key: PRNGKeyArray | None = None,
+        damping: AbstractDamping = AdaptiveDamping(),
+        linear_solver: lx.AbstractLinearSolver = KalmanSmoother(),
+        verbose: bool = False,
+    ):
+        self.rtol = rtol
+        self.atol = atol
+        self.norm = norm
+        self.jacobian = diagonal_jacobian(
+            diagonal, num_probes, jr.key(0) if key is None else key
+        )
+        self.damping = damping
+        self.linear_solver = linear_solver
+        self.verbose = verbose
+
+
+_args = """**Arguments:**
+
+- `rtol`, `atol`: tolerances of the stopping test (default $\\varepsilon^{0.7}$ of the
+    state's dtype).
+- `norm`: the norm used in the stopping test; `optimistix.max_norm` by default.
+"""
+_tail = """- `damping`: [`parallel_dynamics.AdaptiveDamping`][] (default) or
+    [`parallel_dynamics.FixedDamping`][].
+- `linear_solver`: the solver of each damped step; [`parallel_dynamics.KalmanSmoother`][]
+    (`parallel=True` by default).
+- `verbose`: print the residual, step, ratio and damping at every iteration.
+"""
+LevenbergMarquardt.__init__.__doc__ = (
+    _args
+    + "- `jacobian`: what $A_t$ is (an [`parallel_dynamics.AbstractJacobian`][]).\n"
+    + _tail
+)
+ELK.__init__.__doc__ = _args + _tail
+QuasiELK.__init__.__doc__ = (
+    _args
+    + """- `diagonal`, `num_probes`, `key`: the diagonal of the Jacobian, as in
+    [`parallel_dynamics.QuasiDEER`][].
+"""
+    + _tail
+)
+FixedDamping.__init__.__doc__ = """**Arguments:**
+
+- `damping`: the constant $\\lambda > 0$ (the paper's $1/\\sigma^2$).
+"""
+AdaptiveDamping.__init__.__doc__ = """**Arguments:**
+
+- `initial`: the initial damping $\\lambda_0$.
+- `accept_ratio`: the smallest ratio $\\rho$ of actual to predicted decrease for which a
+    step is accepted.
+- `max_damping`: the damping at which the solve is declared stalled.
+"""
