@@ -16,7 +16,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, Inexact
+from jaxtyping import Array, Bool, Inexact
 
 
 class AbstractBlocks(eqx.Module):
@@ -184,3 +184,18 @@ def map_time(fn, blocks: AbstractBlocks) -> AbstractBlocks:
     """Applies `fn` to the time axis of every array in `blocks` (slicing, rolling,
     reshaping into chunks, ...)."""
     return jtu.tree_map(fn, blocks)
+
+
+def mask_time(blocks: AbstractBlocks, keep: Bool[Array, " T"]) -> AbstractBlocks:
+    """Sets $A_t = 0$ wherever `keep[t]` is false, decoupling $t$ from $t - 1$."""
+    if isinstance(blocks, ZeroBlocks):
+        return blocks
+    if isinstance(blocks, IdentityBlocks):
+        diagonal = jnp.ones((blocks.length, blocks.size), blocks.dtype)
+        return DiagonalBlocks(jnp.where(keep[:, None], diagonal, 0))
+
+    def _mask(leaf):
+        shape = keep.shape + (1,) * (leaf.ndim - 1)
+        return jnp.where(keep.reshape(shape), leaf, 0)
+
+    return jtu.tree_map(_mask, blocks)

@@ -166,9 +166,10 @@ def solve(
         otherwise. Keyword only.
     - `init`: an initial guess for the trajectory, laid out like `sol.value`. Defaults
         to $y_0$ at every step. It receives no gradient. Keyword only.
-    - `max_steps`: the maximum number of iterations. Defaults to $T$: every
-        Newton-type solver is exact after $T$ iterations (the first $i$ states are
-        exact after $i$ iterations). Keyword only.
+    - `max_steps`: the maximum number of iterations. Defaults to $T$ (every
+        Newton-type solver is exact after $T$ iterations: the first $i$ states are
+        exact after $i$ iterations), and to $2T + 10$ for the Levenberg–Marquardt
+        solvers (whose final steps verify convergence). Keyword only.
     - `adjoint`: how to differentiate: [`parallel_dynamics.ImplicitAdjoint`][] (the
         default) uses the implicit function theorem with a reverse parallel scan, never
         backpropagating through the iterations. Keyword only.
@@ -227,7 +228,7 @@ def solve(
             raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")
         max_steps = int(max_steps)
     else:
-        max_steps = length
+        max_steps = solver.default_max_steps(length)
 
     x_struct = jax.eval_shape(lambda: jtu.tree_map(lambda x: x[0], inputs))
     closed_step = eqx.filter_closure_convert(step, y0, x_struct, args)

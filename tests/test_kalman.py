@@ -366,3 +366,51 @@ def test_long_unstable_sequence(radix):
             x_seq = sequential(transition, b, x0, obs, lam)
             assert jnp.all(jnp.isfinite(x))
             assert _rel_err(x, x_seq) < 1e-8
+
+
+@pytest.mark.parametrize(
+    "fn, make",
+    [
+        (dense_smoother_parallel, "dense"),
+        (dense_smoother_sequential, "dense"),
+        (diagonal_smoother_parallel, "diagonal"),
+        (diagonal_smoother_sequential, "diagonal"),
+    ],
+    ids=["dense_parallel", "dense_sequential", "diag_parallel", "diag_sequential"],
+)
+@pytest.mark.parametrize("lam", [1e-3, 1.0])
+def test_filter_means_are_truncated_least_squares(fn, make, lam):
+    # The filtering mean at t is the last state of the smoother of the problem cut at t.
+    T, D = 9, 3
+    if make == "dense":
+        A, b, x0, obs = _random_dense(jax.random.key(21), T, D, 1.3)
+        dense_A = A
+    else:
+        A, b, x0, obs = _random_diagonal(jax.random.key(22), T, D, 1.3)
+        dense_A = jax.vmap(jnp.diag)(A)
+    filtered = fn(A, b, x0, obs, lam, smooth=False)
+    for t in range(1, T + 1):
+        ref = _least_squares_reference(dense_A[:t], b[:t], x0, obs[:t], lam)
+        assert _rel_err(filtered[t - 1], ref[-1]) < 1e-10
+    smoothed = fn(A, b, x0, obs, lam)
+    assert _rel_err(smoothed[-1], filtered[-1]) < 1e-12
+    assert _rel_err(smoothed[0], filtered[0]) > 1e-6
+
+
+@pytest.mark.parametrize(
+    "fn", [block_diagonal_smoother_parallel, block_diagonal_smoother_sequential]
+)
+def test_block_diagonal_filter(fn):
+    T, D = 6, 4
+    A, b, x0, obs = _random_dense(jax.random.key(23), T, 2, 1.2)
+    A2, _, _, _ = _random_dense(jax.random.key(24), T, 2, 0.7)
+    blocks = jnp.stack([A, A2], axis=1)
+    b, x0, obs = (jnp.concatenate([x, 2 * x], axis=-1) for x in (b, x0, obs))
+    filtered = fn(blocks, b, x0, obs, 0.5, smooth=False)
+    first = dense_smoother_sequential(
+        A, b[:, :2], x0[:2], obs[:, :2], 0.5, smooth=False
+    )
+    second = dense_smoother_sequential(
+        A2, b[:, 2:], x0[2:], obs[:, 2:], 0.5, smooth=False
+    )
+    assert _rel_err(filtered, jnp.concatenate([first, second], axis=-1)) < 1e-12

@@ -10,5 +10,6 @@ from .scan import (
 from .smoother import (
     DampedBidiagonalOperator as DampedBidiagonalOperator,
     kalman_smooth as kalman_smooth,
+    KalmanFilter as KalmanFilter,
     KalmanSmoother as KalmanSmoother,
 )

@@ -284,7 +284,7 @@ def _dense_smoother_combine(later, earlier):
     return out.at[:, -1].add(earlier[:, -1])
 
 
-@functools.partial(jax.jit, static_argnames="radix")
+@functools.partial(jax.jit, static_argnames=("radix", "smooth"))
 def dense_smoother_parallel(
     A: Inexact[ArrayLike, "T D D"],
     b: Inexact[ArrayLike, "T D"],
@@ -293,6 +293,7 @@ def dense_smoother_parallel(
     lam: Inexact[ArrayLike, "*#T"],
     *,
     radix: int | None = None,
+    smooth: bool = True,
 ) -> Inexact[Array, "T D"]:
     r"""Kalman smoother mean in $O(\log T)$ depth, with the temporal parallelisation of
     Särkkä & García-Fernández (2021).
@@ -316,6 +317,8 @@ def dense_smoother_parallel(
         (smallest depth), or an integer $r \geq 2$ to use a tree with $r$ children per
         node (same work, $O(r \log_r T)$ depth, much faster to compile: see the module
         documentation). Static.
+    - `smooth`: `True` (default) for the smoothed means; `False` stops after the
+        filter and returns the filtering means $\mathbb{E}[x_t \mid o_{1:t}]$. Static.
 
     **Returns:**
 
@@ -336,6 +339,8 @@ def dense_smoother_parallel(
     )
     elems = _parallel_scan(jax.vmap(_dense_filter_combine), elems, identity, radix)
     _, P, m, _, _ = jax.vmap(_dense_unpack)(elems)
+    if not smooth:
+        return m
     E, g = jax.vmap(_dense_smoother_element)(m[:-1], P[:-1], A[1:], b[1:])
     elems = jnp.concatenate([E, g[..., None]], axis=-1)
     last = jnp.concatenate([jnp.zeros_like(P[-1:]), m[-1:, :, None]], axis=-1)
@@ -347,13 +352,15 @@ def dense_smoother_parallel(
     return elems[:, :, -1]
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="smooth")
 def dense_smoother_sequential(
     A: Inexact[ArrayLike, "T D D"],
     b: Inexact[ArrayLike, "T D"],
     x0: Inexact[ArrayLike, " D"],
     obs: Inexact[ArrayLike, "T D"],
     lam: Inexact[ArrayLike, "*#T"],
+    *,
+    smooth: bool = True,
 ) -> Inexact[Array, "T D"]:
     r"""Kalman smoother mean in $O(T)$ depth: a Kalman filter then a
     Rauch–Tung–Striebel pass.
@@ -373,6 +380,8 @@ def dense_smoother_sequential(
     - `obs`: the observations $o_t$, shape `(T, D)`.
     - `lam`: the observation precision (damping) $\lambda_t \geq 0$, a scalar or an array
         of shape `(T,)`.
+    - `smooth`: `True` (default) for the smoothed means; `False` stops after the
+        filter and returns the filtering means $\mathbb{E}[x_t \mid o_{1:t}]$. Static.
 
     **Returns:**
 
@@ -399,6 +408,8 @@ def dense_smoother_sequential(
 
     init = (x0, jnp.zeros((D, D), x0.dtype))
     _, (m, P) = lax.scan(filter_step, init, (A, b, obs, lam))
+    if not smooth:
+        return m
 
     def smoother_step(x_next, inputs):
         m_t, P_t, A_next, b_next = inputs
@@ -457,7 +468,7 @@ def _diagonal_smoother_combine(later, earlier):
     return jnp.stack((e_e * e_l, e_e * g_l + g_e), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames="radix")
+@functools.partial(jax.jit, static_argnames=("radix", "smooth"))
 def diagonal_smoother_parallel(
     a: Inexact[ArrayLike, "T D"],
     b: Inexact[ArrayLike, "T D"],
@@ -466,6 +477,7 @@ def diagonal_smoother_parallel(
     lam: Inexact[ArrayLike, "*#T #D"],
     *,
     radix: int | None = None,
+    smooth: bool = True,
 ) -> Inexact[Array, "T D"]:
     r"""Kalman smoother mean for diagonal transitions $A_t = \operatorname{diag}(a_t)$,
     in $O(\log T)$ depth.
@@ -486,6 +498,8 @@ def diagonal_smoother_parallel(
         (smallest depth), or an integer $r \geq 2$ to use a tree with $r$ children per
         node (same work, $O(r \log_r T)$ depth, much faster to compile: see the module
         documentation). Static.
+    - `smooth`: `True` (default) for the smoothed means; `False` stops after the
+        filter and returns the filtering means $\mathbb{E}[x_t \mid o_{1:t}]$. Static.
 
     **Returns:**
 
@@ -502,6 +516,8 @@ def diagonal_smoother_parallel(
     identity = jnp.zeros((5,) + a.shape[1:], a.dtype).at[0].set(1)
     elems = _parallel_scan(_diagonal_filter_combine, elems, identity, radix)
     m, p = elems[:, 3], elems[:, 1]
+    if not smooth:
+        return m
     e, g = _diagonal_smoother_element(m[:-1], p[:-1], a[1:], b[1:])
     elems = jnp.concatenate(
         [jnp.stack((e, g), axis=1), jnp.stack((jnp.zeros_like(m[-1:]), m[-1:]), 1)]
@@ -512,13 +528,15 @@ def diagonal_smoother_parallel(
     return elems[:, 1]
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="smooth")
 def diagonal_smoother_sequential(
     a: Inexact[ArrayLike, "T D"],
     b: Inexact[ArrayLike, "T D"],
     x0: Inexact[ArrayLike, " D"],
     obs: Inexact[ArrayLike, "T D"],
     lam: Inexact[ArrayLike, "*#T #D"],
+    *,
+    smooth: bool = True,
 ) -> Inexact[Array, "T D"]:
     r"""Kalman smoother mean for diagonal transitions $A_t = \operatorname{diag}(a_t)$,
     in $O(T)$ depth: a Kalman filter then a Rauch–Tung–Striebel pass, elementwise.
@@ -531,6 +549,8 @@ def diagonal_smoother_sequential(
     - `obs`: the observations $o_t$, shape `(T, D)`.
     - `lam`: the observation precision (damping) $\lambda \geq 0$, a scalar or an array
         broadcastable to `(T, D)` (e.g. shape `(T, 1)` for one value per step).
+    - `smooth`: `True` (default) for the smoothed means; `False` stops after the
+        filter and returns the filtering means $\mathbb{E}[x_t \mid o_{1:t}]$. Static.
 
     **Returns:**
 
@@ -553,6 +573,8 @@ def diagonal_smoother_sequential(
 
     init = (x0, jnp.zeros_like(x0))
     _, (m, p) = lax.scan(filter_step, init, (a, b, obs, lam))
+    if not smooth:
+        return m
 
     def smoother_step(x_next, inputs):
         e, g = _diagonal_smoother_element(*inputs)
@@ -590,7 +612,7 @@ def _block_diagonal(dense_fn, name, A, b, x0, obs, lam):
     return x.reshape(T, D)
 
 
-@functools.partial(jax.jit, static_argnames="radix")
+@functools.partial(jax.jit, static_argnames=("radix", "smooth"))
 def block_diagonal_smoother_parallel(
     A: Inexact[ArrayLike, "T B k k"],
     b: Inexact[ArrayLike, "T D"],
@@ -599,6 +621,7 @@ def block_diagonal_smoother_parallel(
     lam: Inexact[ArrayLike, "*#T #B"],
     *,
     radix: int | None = None,
+    smooth: bool = True,
 ) -> Inexact[Array, "T D"]:
     r"""Kalman smoother mean for block-diagonal transitions, in $O(\log T)$ depth.
 
@@ -619,6 +642,8 @@ def block_diagonal_smoother_parallel(
         (smallest depth), or an integer $r \geq 2$ to use a tree with $r$ children per
         node (same work, $O(r \log_r T)$ depth, much faster to compile: see the module
         documentation). Static.
+    - `smooth`: `True` (default) for the smoothed means; `False` stops after the
+        filter and returns the filtering means $\mathbb{E}[x_t \mid o_{1:t}]$. Static.
 
     **Returns:**
 
@@ -626,18 +651,20 @@ def block_diagonal_smoother_parallel(
     the inputs.
     """
     _check_radix(radix, "block_diagonal_smoother_parallel")
-    dense_fn = functools.partial(dense_smoother_parallel, radix=radix)
+    dense_fn = functools.partial(dense_smoother_parallel, radix=radix, smooth=smooth)
     name = "block_diagonal_smoother_parallel"
     return _block_diagonal(dense_fn, name, A, b, x0, obs, lam)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="smooth")
 def block_diagonal_smoother_sequential(
     A: Inexact[ArrayLike, "T B k k"],
     b: Inexact[ArrayLike, "T D"],
     x0: Inexact[ArrayLike, " D"],
     obs: Inexact[ArrayLike, "T D"],
     lam: Inexact[ArrayLike, "*#T #B"],
+    *,
+    smooth: bool = True,
 ) -> Inexact[Array, "T D"]:
     r"""Kalman smoother mean for block-diagonal transitions, in $O(T)$ depth.
 
@@ -653,6 +680,8 @@ def block_diagonal_smoother_sequential(
     - `obs`: the observations $o_t$, shape `(T, D)`.
     - `lam`: the observation precision (damping) $\lambda \geq 0$, a scalar or an array
         broadcastable to `(T, B)` (one value per step and block).
+    - `smooth`: `True` (default) for the smoothed means; `False` stops after the
+        filter and returns the filtering means $\mathbb{E}[x_t \mid o_{1:t}]$. Static.
 
     **Returns:**
 
@@ -660,7 +689,7 @@ def block_diagonal_smoother_sequential(
     the inputs.
     """
     return _block_diagonal(
-        dense_smoother_sequential,
+        functools.partial(dense_smoother_sequential, smooth=smooth),
         "block_diagonal_smoother_sequential",
         A,
         b,

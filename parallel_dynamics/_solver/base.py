@@ -54,6 +54,11 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
     atol: eqx.AbstractVar[float | None]
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
 
+    def default_max_steps(self, length: int) -> int:
+        """The iteration limit when `pdyn.solve` is given none: $T$, after which every
+        Newton-type iteration is exact."""
+        return length
+
     def tolerances(self, dtype) -> tuple[float, float]:
         rtol = default_tolerance(dtype) if self.rtol is None else self.rtol
         atol = default_tolerance(dtype) if self.atol is None else self.atol

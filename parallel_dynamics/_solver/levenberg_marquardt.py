@@ -10,6 +10,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
+from .._blocks import mask_time
 from .._jacobian import AbstractJacobian, DenseJacobian
 from .._linear_solver.smoother import DampedBidiagonalOperator, KalmanSmoother
 from .._operator import BlockBidiagonalOperator
@@ -99,7 +100,8 @@ class _LevenbergMarquardtState(eqx.Module):
     step: Int[Array, ""]
     window: Int[Array, ""]
     converged: Bool[Array, ""]
-    exact_prefix: Int[Array, ""]
+    newton_failed: Bool[Array, ""]
+    converged_prefix: Int[Array, ""]
     residual_norm: Scalar
     damping: Scalar
     damping_memory: Scalar
@@ -147,7 +149,6 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
     damping: eqx.AbstractVar[AbstractDamping]
     linear_solver: eqx.AbstractVar[lx.AbstractLinearSolver]
     verbose: eqx.AbstractVar[bool]
-    always_accept_finite = False
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, args, options, f_struct, aux_struct, tags
@@ -157,12 +158,16 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             step=jnp.array(0),
             window=jnp.array(y.shape[0]),
             converged=jnp.array(False),
-            exact_prefix=jnp.array(0),
+            newton_failed=jnp.array(False),
+            converged_prefix=jnp.array(0),
             residual_norm=jnp.array(jnp.inf, y.dtype),
             damping=damping,
             damping_memory=memory,
             result=optx.RESULTS.successful,
         )
+
+    def default_max_steps(self, length: int) -> int:
+        return 2 * length + 10
 
     def defect(self, y: Array, residual: Array) -> Array:
         """The componentwise residual relative to the tolerance."""
@@ -179,26 +184,37 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         residual = y - values
         start = first_unconverged(self.defect(y, residual))
         times = jnp.arange(length)
-        prefix = times < start
-        active = ~prefix & (times < start + state.window)
+        # Once every step satisfies the recurrence to tolerance, an undamped (Newton)
+        # step over the whole trajectory estimates the remaining error, which small
+        # defects alone do not bound: they add up along the trajectory.
+        newton = (start == length) & ~state.newton_failed
+        # Otherwise a damped step on a window of time: the prefix before it has
+        # converged and stays fixed; everything after it waits.
+        window_start = jnp.where(start == length, 0, start)
+        active = (times >= window_start) & (times < window_start + state.window)
+        active = active | newton
         pinned = 1 / jnp.finfo(y.dtype).eps
-        damping = jnp.where(active, state.damping, pinned)
-        bidiagonal = BlockBidiagonalOperator(blocks)
-        operator = DampedBidiagonalOperator(bidiagonal, damping)
-        vector = (residual, jnp.zeros_like(residual))
+        damping = jnp.where(newton, 0, state.damping)
+        damping = jnp.where(active, damping, pinned)
+        # The window's least-squares problem on its own: outside it, no residual and
+        # no coupling to the previous step.
+        operator = DampedBidiagonalOperator(
+            BlockBidiagonalOperator(mask_time(blocks, active)), damping
+        )
+        vector = (jnp.where(active[:, None], residual, 0), jnp.zeros_like(residual))
         update = lx.linear_solve(
             operator, vector, self.linear_solver, throw=False
         ).value
-        # Only the window moves; its first step is made exact: with y_{k-1}
-        # unchanged, y_k - F_k = f(y_{k-1}, x_k).
         update = jnp.where(active[:, None], update, 0)
+        # The window's first step is made exact: with y_{k-1} unchanged,
+        # y_k - F_k = f(y_{k-1}, x_k).
         update = jnp.where((times == start)[:, None], residual, update)
 
         trial = y - update
         trial_residual = recurrence.residual(trial)
         in_window = active[:, None]
         merit = jnp.sum(jnp.where(in_window, residual, 0) ** 2)
-        model = jnp.where(in_window, residual - bidiagonal.mv(update), 0)
+        model = jnp.where(in_window, residual - operator.bidiagonal.mv(update), 0)
         predicted = merit - jnp.sum(model**2)
         actual = merit - jnp.sum(jnp.where(in_window, trial_residual, 0) ** 2)
         ratio = actual / jnp.where(predicted > 0, predicted, jnp.inf)
@@ -210,19 +226,28 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         trial_defect = self.defect(trial, trial_residual)
         trial_defect = jnp.where(jnp.isfinite(trial_defect), trial_defect, jnp.inf)
         trial_start = first_unconverged(trial_defect)
-        # A rejected trial still contributes its converged prefix (at least y_k, which
-        # is exact); the rest of the trajectory stays as it was.
-        keep = accept | (times < trial_start)
+        # Near the solution the decrease of the merit is lost in rounding and the ratio
+        # says nothing; a Newton step that keeps every defect below tolerance is taken.
+        accept = accept | (newton & finite & (trial_start == length))
+        # A Newton step leaves the damping as it was.
+        new_damping = jnp.where(newton, state.damping, new_damping)
+        memory = jnp.where(newton, state.damping_memory, memory)
+        # A rejected damped trial still contributes its converged prefix (at least
+        # y_k, which is exact); the rest of the trajectory stays as it was.
+        keep = accept | ((times < trial_start) & ~newton)
         new_y = jnp.where(keep[:, None], trial, y)
-        converged = accept & (trial_start == length)
+        small_update = jnp.all(self.defect(y, update) < 1)
+        converged = newton & accept & small_update & (trial_start == length)
         # The window is a trust region in time: it doubles after a good step and
         # halves after a rejected one, so that ill-conditioned (chaotic, unstable)
         # problems are solved over horizons on which the linearisation is trusted.
+        grown = jnp.minimum(2 * state.window, length)
         window = jnp.where(
-            accept & (ratio > 0.25),
-            jnp.minimum(2 * state.window, length),
-            jnp.where(accept, state.window, jnp.maximum(state.window // 2, 1)),
+            accept,
+            jnp.where(ratio > 0.25, grown, state.window),
+            jnp.maximum(state.window // 2, 1),
         )
+        window = jnp.where(newton, state.window, window)
         result = optx.RESULTS.where(
             all_finite(residual), optx.RESULTS.successful, optx.RESULTS.nonfinite
         )
@@ -230,7 +255,8 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             step=state.step + 1,
             window=window,
             converged=converged,
-            exact_prefix=jnp.maximum(trial_start, start + 1),
+            newton_failed=newton & ~accept,
+            converged_prefix=jnp.maximum(trial_start, jnp.minimum(start + 1, length)),
             residual_norm=jnp.where(
                 accept, self.norm(trial_residual), self.norm(residual)
             ),
@@ -239,27 +265,24 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             result=result,
         )
         if self.verbose:
-            _print_progress(type(self).__name__, new_state, accept, ratio)
+            _print_progress(type(self).__name__, new_state, newton, accept, ratio)
         return new_y, new_state, None
 
     def terminate(self, fn, y, args, options, state: _LevenbergMarquardtState, tags):
-        del fn, y, options, tags
-        recurrence = as_recurrence(args, self)
-        # A trajectory whose every step is exact (the prefix covers all of it) is the
-        # solution even if the last trial was rejected.
-        exact = state.exact_prefix >= recurrence.length
+        del fn, y, args, options, tags
         failed = state.result != optx.RESULTS.successful
-        return state.converged | exact | failed, state.result
+        return state.converged | failed, state.result
 
 
-def _print_progress(name, state, accept, ratio):
+def _print_progress(name, state, newton, accept, ratio):
     jax.debug.print(
-        name + " step {step}: residual norm {res:.3e}, "
+        name + " step {step}: residual norm {res:.3e}, newton {newton}, "
         "ratio {ratio:.3f}, accepted {accept}, damping {damping:.3e}, "
         "converged prefix {prefix}, window {window}",
         step=state.step,
         res=state.residual_norm,
-        prefix=state.exact_prefix,
+        newton=newton,
+        prefix=state.converged_prefix,
         window=state.window,
         ratio=ratio,
         accept=accept,
