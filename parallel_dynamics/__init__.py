@@ -30,6 +30,7 @@ from ._linear_solver import (
     dense_blocks_from_operator as dense_blocks_from_operator,
     IterativeScan as IterativeScan,
     kalman_smooth as kalman_smooth,
+    KalmanFilter as KalmanFilter,
     KalmanSmoother as KalmanSmoother,
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,

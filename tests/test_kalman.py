@@ -401,7 +401,7 @@ def test_filter_means_are_truncated_least_squares(fn, make, lam):
     "fn", [block_diagonal_smoother_parallel, block_diagonal_smoother_sequential]
 )
 def test_block_diagonal_filter(fn):
-    T, D = 6, 4
+    T = 6
     A, b, x0, obs = _random_dense(jax.random.key(23), T, 2, 1.2)
     A2, _, _, _ = _random_dense(jax.random.key(24), T, 2, 0.7)
     blocks = jnp.stack([A, A2], axis=1)
