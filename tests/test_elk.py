@@ -149,6 +149,9 @@ SOLVERS = {
     "quasi_elk": pdyn.QuasiELK(),
     "elk_fixed": pdyn.ELK(damping=pdyn.FixedDamping(1e-3)),
     "elk_filter": pdyn.ELK(linear_solver=pdyn.KalmanFilter()),
+    "elk_parallel_smoother": pdyn.ELK(
+        linear_solver=pdyn.KalmanSmoother(parallel=True, radix=8)
+    ),
     "quasi_elk_sequential": pdyn.QuasiELK(
         linear_solver=pdyn.KalmanSmoother(parallel=False)
     ),

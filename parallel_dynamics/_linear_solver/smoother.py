@@ -1,6 +1,8 @@
+import functools as ft
 from typing import Any, ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Inexact, PyTree, Scalar
@@ -111,6 +113,7 @@ def kalman_smooth(
     *,
     parallel: bool = True,
     smooth: bool = True,
+    radix: int | None = None,
 ) -> Inexact[Array, "T D"]:
     """The smoother mean of $x_t = A_t x_{t-1} + b_t + w_t$ ($x_0 = 0$, unit noise),
     observed as $o_t = x_t + v_t$ with precision $\\lambda$ (a scalar, or one value per
@@ -122,16 +125,18 @@ def kalman_smooth(
     x0 = jnp.zeros(offsets.shape[1:], offsets.dtype)
     per_component = damping[:, None] if jnp.ndim(damping) == 1 else damping
     if isinstance(blocks, DenseBlocks):
-        smoother = dense_smoother_parallel if parallel else dense_smoother_sequential
+        if parallel:
+            smoother = ft.partial(dense_smoother_parallel, radix=radix)
+        else:
+            smoother = dense_smoother_sequential
         return smoother(
             blocks.matrices, offsets, x0, observations, damping, smooth=smooth
         )
     if isinstance(blocks, BlockDiagonalBlocks):
-        smoother = (
-            block_diagonal_smoother_parallel
-            if parallel
-            else block_diagonal_smoother_sequential
-        )
+        if parallel:
+            smoother = ft.partial(block_diagonal_smoother_parallel, radix=radix)
+        else:
+            smoother = block_diagonal_smoother_sequential
         return smoother(
             blocks.blocks, offsets, x0, observations, per_component, smooth=smooth
         )
@@ -145,12 +150,16 @@ def kalman_smooth(
         raise TypeError(
             f"No Kalman smoother for blocks of type {type(blocks).__name__}."
         )
-    smoother = diagonal_smoother_parallel if parallel else diagonal_smoother_sequential
+    if parallel:
+        smoother = ft.partial(diagonal_smoother_parallel, radix=radix)
+    else:
+        smoother = diagonal_smoother_sequential
     return smoother(diagonal, offsets, x0, observations, per_component, smooth=smooth)
 
 
 class _AbstractKalmanSolver(lx.AbstractLinearSolver):
-    parallel: eqx.AbstractVar[bool]
+    parallel: eqx.AbstractVar[bool | None]
+    radix: eqx.AbstractVar[int | None]
     smooth: eqx.AbstractClassVar[bool]
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
@@ -172,13 +181,21 @@ class _AbstractKalmanSolver(lx.AbstractLinearSolver):
         root = root[:, None] if jnp.ndim(root) == 1 else root
         # Zero damping: no observation at all (its value is irrelevant).
         observations = damped / jnp.where(root > 0, root, 1)
+        parallel = self.parallel
+        if parallel is None:
+            # As `AutoScan`: a CPU has little parallelism to exploit, and the parallel
+            # dense elements cost O(D^3) per combination to save depth.
+            on_cpu = jax.default_backend() == "cpu"
+            dense = isinstance(blocks, (DenseBlocks, BlockDiagonalBlocks))
+            parallel = not (on_cpu and dense)
         solution = kalman_smooth(
             blocks,
             residual,
             observations,
             damping,
-            parallel=self.parallel,
+            parallel=parallel,
             smooth=self.smooth,
+            radix=self.radix,
         )
         return solution, lx.RESULTS.successful, {}
 
@@ -208,7 +225,10 @@ class KalmanSmoother(_AbstractKalmanSolver):
     With `parallel=True` the filter and the smoother are both associative scans
     (Särkkä & García-Fernández, IEEE TAC 2021): $O(\\log T)$ depth. With
     `parallel=False` they are a Kalman filter and a Rauch–Tung–Striebel pass with
-    `lax.scan`: the reference, and the cheaper choice on CPU for dense blocks.
+    `lax.scan`: the reference, and the cheaper choice on CPU for dense blocks. The
+    default, `parallel=None`, chooses as [`parallel_dynamics.AutoScan`][] does: the
+    sequential passes for dense and block-diagonal blocks on CPU, the parallel ones
+    otherwise.
 
     This is a Lineax solver rather than an Optimistix descent because it is pure
     linear algebra: the same exact damped step serves every damping strategy
@@ -231,7 +251,8 @@ class KalmanSmoother(_AbstractKalmanSolver):
         ```
     """
 
-    parallel: bool = True
+    parallel: bool | None = None
+    radix: int | None = None
     smooth: ClassVar[bool] = True
 
 
@@ -251,17 +272,19 @@ class KalmanFilter(_AbstractKalmanSolver):
     backward pass).
     """
 
-    parallel: bool = True
+    parallel: bool | None = None
+    radix: int | None = None
     smooth: ClassVar[bool] = False
 
 
-KalmanSmoother.__init__.__doc__ = """**Arguments:**
+_kalman_args = """**Arguments:**
 
-- `parallel`: use the parallel (associative-scan) smoother (default) or the sequential
-    Kalman filter + Rauch–Tung–Striebel smoother.
+- `parallel`: `True` for the parallel (associative-scan) passes, `False` for the
+    sequential ones (`lax.scan`), `None` (default) to choose by block structure and
+    backend as [`parallel_dynamics.AutoScan`][] does.
+- `radix`: for the parallel passes, `None` (default) for `lax.associative_scan`
+    (smallest depth), or an integer $r \\geq 2$ for a tree with $r$ children per node:
+    the same work, $O(r \\log_r T)$ depth, and several times faster to compile.
 """
-KalmanFilter.__init__.__doc__ = """**Arguments:**
-
-- `parallel`: use the parallel (associative-scan) filter (default) or the sequential
-    Kalman filter.
-"""
+KalmanSmoother.__init__.__doc__ = _kalman_args
+KalmanFilter.__init__.__doc__ = _kalman_args
