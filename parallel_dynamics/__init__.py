@@ -12,6 +12,7 @@ from ._blocks import (
     ZeroBlocks as ZeroBlocks,
 )
 from ._diagnostics import lyapunov_exponent as lyapunov_exponent
+from ._diffrax import diffeqsolve as diffeqsolve
 from ._jacobian import (
     AbstractJacobian as AbstractJacobian,
     BlockDiagonalJacobian as BlockDiagonalJacobian,
