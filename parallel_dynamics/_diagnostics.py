@@ -90,20 +90,22 @@ def lyapunov_exponent(
     an array of shape `(num_exponents,)` sorted in descending order. A direction the
     map annihilates exactly (a singular $J_t$) gives `-inf`.
 
-    **Example:**
+    !!! Example
 
-    ```python
-    import jax.numpy as jnp
-    from parallel_dynamics._diagnostics import lyapunov_exponent
+        ```python
+        import jax.numpy as jnp
+        import parallel_dynamics as pdyn
 
-    M = jnp.array([[0.9, 1.0], [0.0, 0.5]])  # eigenvalues 0.9 and 0.5
-    step = lambda y, x, M: M @ y + x
-    lyapunov_exponent(step, jnp.ones(2), jnp.zeros((2000, 2)), M)
-    # ≈ log(0.9) = -0.105: contracting, so easy to parallelise
-    autonomous = lambda y, x, M: M @ y  # no inputs: x is None
-    lyapunov_exponent(autonomous, jnp.ones(2), None, M, length=2000, num_exponents=2)
-    # ≈ [log(0.9), log(0.5)] = [-0.105, -0.693]
-    ```
+        M = jnp.array([[0.9, 1.0], [0.0, 0.5]])  # eigenvalues 0.9 and 0.5
+        step = lambda y, x, M: M @ y + x
+        pdyn.lyapunov_exponent(step, jnp.ones(2), jnp.zeros((2000, 2)), M)
+        # ≈ log(0.9) = -0.105: contracting, so easy to parallelise
+        autonomous = lambda y, x, M: M @ y  # no inputs: x is None
+        pdyn.lyapunov_exponent(
+            autonomous, jnp.ones(2), None, M, length=2000, num_exponents=2
+        )
+        # ≈ [log(0.9), log(0.5)] = [-0.105, -0.693]
+        ```
     """
     flat_y0, unravel = ravel_pytree(y0)
     if not jnp.issubdtype(flat_y0.dtype, jnp.floating):

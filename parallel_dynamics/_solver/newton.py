@@ -265,8 +265,7 @@ _newton_args = """
 - `atol`: absolute tolerance, with the same default.
 - `norm`: the norm used in the stopping test; `optimistix.max_norm` by default.
 """
-_solver_args = """
-- `linear_solver`: the Lineax solver of the block bidiagonal system:
+_solver_args = """- `linear_solver`: the Lineax solver of the block bidiagonal system:
     [`parallel_dynamics.AutoScan`][] (default), [`parallel_dynamics.ParallelScan`][],
     [`parallel_dynamics.ChunkedScan`][] or [`parallel_dynamics.SequentialScan`][].
 - `verbose`: print the residual norm and the scaled update at every iteration.
@@ -296,7 +295,7 @@ QuasiDEER.__init__.__doc__ = (
     + _solver_args
 )
 BlockQuasiDEER.__init__.__doc__ = (
-    "**Arguments:**\n\n- `block_size`: $k$, which must divide the state size $D$.\n"
+    "**Arguments:**\n\n- `block_size`: $k$, which must divide the state size $D$."
     + _newton_args
     + _solver_args
 )
