@@ -227,7 +227,13 @@ def test_lorenz96_t1000_float64(size, name):
     expected = scan_reference(step, y0, None, dt, length=length)
     sol = pdyn.solve(step, SOLVERS[name], y0, None, dt, length=length)
     assert sol.result == optx.RESULTS.successful
-    assert _rel_err(sol.value, expected) < 1e-6
+    # The map is chaotic (growth ~1e7 over T = 1000): perturbing y0 by the tolerance
+    # (eps^0.7 ~ 1e-11) moves lax.scan's own trajectory by ~1e-5. Every defect is at
+    # most the tolerance, so the error is within a small multiple of that.
+    tol = pdyn.ELK().tolerances(jnp.float64)[0]
+    perturbed = scan_reference(step, y0 * (1 + tol), None, dt, length=length)
+    sensitivity = np.max(np.abs(np.asarray(perturbed - expected)))
+    assert np.max(np.abs(np.asarray(sol.value - expected))) < 10 * sensitivity
 
 
 @pytest.mark.slow

@@ -233,3 +233,16 @@ def test_verbose_prints_progress(capfd):
     jax.effects_barrier()
     out = capfd.readouterr().out
     assert "DEER step 1: residual norm" in out
+
+
+def test_stopping_rule_is_not_fooled_by_a_blown_up_iterate():
+    from parallel_dynamics._solver.base import converged
+
+    # Newton near the root: the rate says the last update (10x tolerance) left an error
+    # of 0.1x tolerance.
+    assert bool(converged(jnp.array(3), jnp.array(10.0), jnp.array(1e3)))
+    # After an iterate blew up, a huge update looks like a tiny rate (DEER on the
+    # AR-GRU case in float32 once stopped here with a trajectory of size 1e29).
+    assert not bool(converged(jnp.array(3), jnp.array(1.7e8), jnp.array(3.4e29)))
+    assert not bool(converged(jnp.array(3), jnp.array(0.5), jnp.array(0.6)))
+    assert bool(converged(jnp.array(3), jnp.array(0.05), jnp.array(0.6)))

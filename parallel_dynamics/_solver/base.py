@@ -111,7 +111,8 @@ def converged(
     $\\theta = d_k / d_{k-1}$, the error left after the update is estimated as
     $d_k \\theta / (1 - \\theta)$ (Hairer & Wanner, *Solving ODEs II*, IV.8). It must be
     below 1, and so must $d_k$ itself unless the iteration is clearly superlinear
-    ($\\theta < 0.1$, Newton near the root, where this saves the last iteration).
+    ($\\theta < 0.1$ and $d_k < 100$, Newton near the root, where this saves the last
+    iteration).
     Slowly contracting iterations ($\\theta \\to 1$) thereby need updates well below
     tolerance before they stop. Updates that no longer shrink ($\\theta \\geq 1$) have
     reached the rounding floor when two in a row are below tolerance.
@@ -121,7 +122,10 @@ def converged(
     contracting = rate < 1
     predicted = diffsize * rate / jnp.where(contracting, 1 - rate, 1)
     small = diffsize < 1
-    extrapolated = contracting & (predicted < 1) & (small | (rate < 0.1))
+    # The superlinear shortcut only for moderate updates: after an iterate has blown
+    # up (d_{k-1} huge), any d_k looks like a tiny rate.
+    superlinear = (rate < 0.1) & (diffsize < 100)
+    extrapolated = contracting & (predicted < 1) & (small | superlinear)
     floor = ~contracting & small & (diffsize_prev < 1)
     return (num_updates >= 1) & jnp.where(first, small, extrapolated | floor)
 
