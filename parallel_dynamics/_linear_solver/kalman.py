@@ -411,13 +411,16 @@ def dense_smoother_sequential(
     if not smooth:
         return m
 
+    # The smoothing gains depend on the filter alone: one batched solve for all of
+    # them, then a backward pass that is only an affine recurrence.
+    E, g = jax.vmap(_dense_smoother_element)(m[:-1], P[:-1], A[1:], b[1:])
+
     def smoother_step(x_next, inputs):
-        m_t, P_t, A_next, b_next = inputs
-        E, g = _dense_smoother_element(m_t, P_t, A_next, b_next)
-        x = E @ x_next + g
+        E_t, g_t = inputs
+        x = E_t @ x_next + g_t
         return x, x
 
-    _, x = lax.scan(smoother_step, m[-1], (m[:-1], P[:-1], A[1:], b[1:]), reverse=True)
+    _, x = lax.scan(smoother_step, m[-1], (E, g), reverse=True)
     return jnp.concatenate([x, m[-1:]])
 
 
