@@ -35,6 +35,9 @@ from ._linear_solver import (
     KalmanSmoother as KalmanSmoother,
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
+    shard_time as shard_time,
+    sharded_scan as sharded_scan,
+    ShardedScan as ShardedScan,
 )
 from ._operator import BlockBidiagonalOperator as BlockBidiagonalOperator
 from ._problem import Recurrence as Recurrence, StateLayout as StateLayout

@@ -7,6 +7,11 @@ from .scan import (
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
 )
+from .sharded import (
+    shard_time as shard_time,
+    sharded_scan as sharded_scan,
+    ShardedScan as ShardedScan,
+)
 from .smoother import (
     DampedBidiagonalOperator as DampedBidiagonalOperator,
     kalman_smooth as kalman_smooth,

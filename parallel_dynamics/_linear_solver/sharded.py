@@ -1,0 +1,381 @@
+"""Sequence parallelism: a scan whose time axis is sharded across devices.
+
+The recurrence $v_t = A_t v_{t-1} + b_t$ is split into $P$ contiguous chunks, one per
+device of a 1-D `jax.sharding.Mesh` axis, and solved like a chunked scan
+(ALGORITHMS.md §7) whose chunks live on different devices: each device summarises its
+chunk as one affine map, the $P$ summaries are all-gathered and combined, and each
+device reruns its chunk from its carry-in. Only the summaries cross devices.
+"""
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import lineax as lx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Inexact
+
+from .. import _scan
+from .._blocks import (
+    AbstractBlocks,
+    BlockDiagonalBlocks,
+    DenseBlocks,
+    DiagonalBlocks,
+    IdentityBlocks,
+    map_time,
+    ZeroBlocks,
+)
+from .scan import AbstractScanSolver, AutoScan, SequentialScan
+
+
+def _identity(blocks: AbstractBlocks) -> AbstractBlocks:
+    """One identity block (no time axis) with the structure of `blocks`."""
+    if isinstance(blocks, DiagonalBlocks):
+        return DiagonalBlocks(jnp.ones_like(blocks.diagonal[0]))
+    if isinstance(blocks, DenseBlocks):
+        size = blocks.matrices.shape[-1]
+        return DenseBlocks(jnp.eye(size, dtype=blocks.matrices.dtype))
+    if isinstance(blocks, BlockDiagonalBlocks):
+        nb, k = blocks.blocks.shape[-3:-1]
+        eye = jnp.eye(k, dtype=blocks.blocks.dtype)
+        return BlockDiagonalBlocks(jnp.broadcast_to(eye, (nb, k, k)))
+    raise TypeError(
+        "A sharded scan supports dense, diagonal, block-diagonal, identity and zero "
+        f"blocks; got {type(blocks).__name__}."
+    )
+
+
+def _summarise_sequential(blocks, offsets, reverse):
+    """The chunk's affine map $v \\mapsto P v + e$ by one `lax.scan` that composes the
+    blocks as it runs the recurrence from zero (no per-step storage)."""
+
+    def body(carry, block_and_offset):
+        state, product = carry
+        block, offset = block_and_offset
+        return (block.apply(state) + offset, block.compose(product)), None
+
+    init = (jnp.zeros(offsets.shape[1:], offsets.dtype), _identity(blocks))
+    (end, product), _ = lax.scan(body, init, (blocks, offsets), reverse=reverse)
+    return product, end
+
+
+def _summarise_tree(blocks, offsets, reverse):
+    """The chunk's affine map by a pairwise tree reduction: $O(\\log L)$ depth, $L$
+    compositions."""
+    while offsets.shape[0] > 1:
+        if offsets.shape[0] % 2:
+            # Append the identity element (I, 0): it composes to nothing.
+            one = map_time(lambda x: x[None], _identity(blocks))
+            blocks = jax.tree.map(
+                lambda x, y: jnp.concatenate([x, y], axis=0), blocks, one
+            )
+            offsets = jnp.concatenate([offsets, jnp.zeros_like(offsets[:1])], axis=0)
+        even_blocks = map_time(lambda x: x[0::2], blocks)
+        odd_blocks = map_time(lambda x: x[1::2], blocks)
+        even_offsets, odd_offsets = offsets[0::2], offsets[1::2]
+        if reverse:
+            # v_s = A_s (A_{s+1} v + b_{s+1}) + b_s: the odd step acts first.
+            first_blocks, first_offsets = odd_blocks, odd_offsets
+            then_blocks, then_offsets = even_blocks, even_offsets
+        else:
+            first_blocks, first_offsets = even_blocks, even_offsets
+            then_blocks, then_offsets = odd_blocks, odd_offsets
+        blocks = then_blocks.compose(first_blocks)
+        offsets = then_blocks.apply(first_offsets) + then_offsets
+    return map_time(lambda x: x[0], blocks), offsets[0]
+
+
+def _summarise(blocks, offsets, reverse, sequential):
+    if isinstance(blocks, IdentityBlocks):
+        return blocks, jnp.sum(offsets, axis=0)
+    if sequential:
+        return _summarise_sequential(blocks, offsets, reverse)
+    return _summarise_tree(blocks, offsets, reverse)
+
+
+def shard_time(x, mesh: Mesh, axis_name: str = "time"):
+    """Lays out every array of the PyTree `x` sharded along its leading (time) axis
+    over the `mesh.shape[axis_name]` devices of `mesh`.
+
+    Uses `jax.reshard` on an explicit mesh axis, and on an automatic one
+    `jax.lax.with_sharding_constraint` inside `jax.jit` or `jax.device_put` outside.
+    Outside `jax.jit` the time axis must be divisible by the number of devices (a
+    `jax.Array` is split evenly); otherwise a `ValueError` says how to pad.
+
+    **Arguments:**
+
+    - `x`: a PyTree of arrays with a leading time axis, e.g. the `inputs` of
+        [`parallel_dynamics.solve`][].
+    - `mesh`: a `jax.sharding.Mesh`.
+    - `axis_name`: the mesh axis to shard the time axis over.
+
+    **Returns:**
+
+    `x`, with every leaf sharded along time.
+
+    !!! Example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import parallel_dynamics as pdyn
+
+        mesh = jax.make_mesh((jax.device_count(),), ("time",))
+        xs = pdyn.shard_time(jnp.zeros((8 * jax.device_count(), 3)), mesh)
+        ```
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(axis_name))
+    axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[axis_name]
+
+    num_devices = mesh.shape[axis_name]
+
+    def _one(leaf):
+        if not isinstance(leaf, jax.core.Tracer) and leaf.shape[0] % num_devices:
+            raise ValueError(
+                f"Cannot shard a time axis of length {leaf.shape[0]} over "
+                f"{num_devices} devices: a `jax.Array` must split evenly. Either pad "
+                "the inputs at their end to a multiple of the device count (the "
+                "recurrence is causal, so the first T states of the padded solve are "
+                "the solution; keep `sol.value[:T]`), or place them on the mesh "
+                "unsharded (`NamedSharding(mesh, PartitionSpec())`): the scans still "
+                "run sharded inside, on a padded time axis."
+            )
+        if axis_type == AxisType.Explicit:
+            return jax.reshard(leaf, sharding)
+        if isinstance(leaf, jax.core.Tracer):
+            return lax.with_sharding_constraint(leaf, sharding)
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree.map(_one, x)
+
+
+def _local_solve(local: AbstractScanSolver, blocks, offsets, reverse):
+    if isinstance(blocks, IdentityBlocks):
+        return lax.cumsum(offsets, axis=0, reverse=reverse)
+    return local._solve(blocks, offsets, reverse)
+
+
+def _sequential_summary(local: AbstractScanSolver) -> bool:
+    if isinstance(local, SequentialScan):
+        return True
+    return isinstance(local, AutoScan) and _scan.on_cpu()
+
+
+def sharded_scan(
+    blocks: AbstractBlocks,
+    offsets: Inexact[Array, "T D"],
+    *,
+    mesh: Mesh,
+    axis_name: str = "time",
+    local: AbstractScanSolver = AutoScan(),
+    reverse: bool = False,
+    successor: bool = False,
+) -> Inexact[Array, "T D"]:
+    """Solves the recurrence with its time axis sharded over the devices of
+    `mesh.shape[axis_name]` (sequence parallelism), inside `jax.shard_map`.
+
+    Let $P$ be the number of devices along `axis_name`. Device $p$ holds the
+    contiguous chunk $\\mathcal{T}_p$ of $T / P$ time steps.
+
+    1. **Chunk summary** (local). Device $p$ composes its blocks and runs its
+       recurrence from zero: its chunk is the affine map $v \\mapsto M_p v + e_p$ with
+       $M_p = A_{\\text{last}} \\cdots A_{\\text{first}}$.
+    2. **Combine** (the only communication). The $P$ summaries are all-gathered
+       ($P$ blocks and $P$ vectors: $P(D^2 + D)$ numbers for dense blocks,
+       $2PD$ for diagonal ones, $P(Dk + D)$ for $k \\times k$ block-diagonal
+       ones) and every device runs the tiny recurrence $c_p = M_p c_{p-1} + e_p$ over
+       them to find the state $c_{p-1}$ entering its chunk.
+    3. **Fix-up** (local). Device $p$ solves its chunk again with the carry-in,
+       i.e. with $b_{\\text{first}} + A_{\\text{first}} c_{p-1}$ as first offset,
+       using the `local` scan.
+
+    Work is that of two local scans plus $O(P)$ block applications; the trajectory,
+    the blocks and the offsets never leave their devices. When $T$ is not divisible
+    by $P$ the time axis is padded at its end with zero blocks and offsets (the padded
+    steps leave the state at zero in a reverse scan, and their outputs are dropped in
+    a forward one); the padding itself makes XLA re-lay the arrays out, so $T$
+    divisible by $P$ is the efficient case.
+
+    **Arguments:**
+
+    - `blocks`: the blocks $A_1, \\dots, A_T$ (dense, diagonal, block-diagonal,
+        identity or zero).
+    - `offsets`: the `(T, D)` right-hand sides $b_t$.
+    - `mesh`: a `jax.sharding.Mesh` with an axis named `axis_name`.
+    - `axis_name`: the mesh axis that the time axis is sharded over.
+    - `local`: the [`parallel_dynamics.AbstractScanSolver`][] each device runs on its
+        chunk (default [`parallel_dynamics.AutoScan`][]).
+    - `reverse`: solve $v_t = A_t v_{t+1} + b_t$, $v_{T+1} = 0$ instead.
+    - `successor`: with `reverse=True`, use the blocks $A_{t+1}^\\top$ at step $t$,
+        i.e. solve the transposed system $g_t = A_{t+1}^\\top g_{t+1} + b_t$ of a
+        [`parallel_dynamics.BlockBidiagonalOperator`][]. Each device then receives
+        the first block of its right neighbour (one block per device, by
+        `jax.lax.ppermute`).
+
+    **Returns:**
+
+    The `(T, D)` solution, sharded along time over `axis_name`.
+    """
+    if successor and not reverse:
+        raise ValueError("`successor=True` needs `reverse=True`.")
+    if isinstance(blocks, ZeroBlocks):
+        return offsets
+    if successor:
+        blocks = blocks.transpose()
+    length, size = offsets.shape
+    num_devices = mesh.shape[axis_name]
+    pad = (-length) % num_devices
+    local_length = (length + pad) // num_devices
+    identity = isinstance(blocks, IdentityBlocks)
+
+    def _pad(x):
+        if pad == 0:
+            return x
+        return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+
+    offsets = _pad(offsets)
+    if identity:
+        blocks = IdentityBlocks(local_length, size, offsets.dtype)
+    else:
+        blocks = map_time(_pad, blocks)
+    sequential = _sequential_summary(local)
+
+    def body(blocks, offsets):
+        index = lax.axis_index(axis_name)
+        if successor and not identity:
+            # Step t needs A_{t+1}: the last step of every chunk takes the first block
+            # of the next device's chunk (the last device gets zeros, which only ever
+            # multiply v_{T+1} = 0).
+            shift = [(p, p - 1) for p in range(1, num_devices)]
+            first = lax.ppermute(map_time(lambda x: x[:1], blocks), axis_name, shift)
+            blocks = jax.tree.map(
+                lambda x, y: jnp.concatenate([x[1:], y], axis=0), blocks, first
+            )
+        product, end = _summarise(blocks, offsets, reverse, sequential)
+        products, ends = lax.all_gather((product, end), axis_name)
+        # The state leaving every device's chunk; P is small, so a sequential scan
+        # over the gathered summaries is the cheapest way to combine them.
+        if identity:
+            products = IdentityBlocks(num_devices, size, offsets.dtype)
+        leaving = _scan.sequential_scan(products, ends, reverse=reverse)
+        zero = jnp.zeros((1, size), offsets.dtype)
+        if reverse:
+            entering = jnp.concatenate([leaving[1:], zero], axis=0)
+            position = -1
+        else:
+            entering = jnp.concatenate([zero, leaving[:-1]], axis=0)
+            position = 0
+        carry = entering[index]
+        edge = map_time(lambda x: x[position], blocks)
+        offsets = offsets.at[position].add(edge.apply(carry))
+        return _local_solve(local, blocks, offsets, reverse)
+
+    blocks, offsets = shard_time((blocks, offsets), mesh, axis_name)
+    spec = PartitionSpec(axis_name)
+    # `check_vma=False`: the local scans start their carries from unsharded zeros,
+    # which the varying-manual-axes check would reject.
+    out = jax.shard_map(
+        body, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False
+    )(blocks, offsets)
+    return out[:length] if pad else out
+
+
+class ShardedScan(AbstractScanSolver):
+    """Solves a block bidiagonal system with its time axis sharded across devices
+    (sequence parallelism), by [`parallel_dynamics.sharded_scan`][].
+
+    Each device of the mesh axis `axis_name` scans its own contiguous chunk of the time
+    axis with the `local` scan; only the $P$ chunk summaries (one affine map per
+    device: $O(P D^2)$ numbers for dense blocks, $O(P D)$ for diagonal ones) are
+    all-gathered. The transposed (upper) system, which gradients solve, is the
+    reverse scan, sharded the same way. Pass it as the `linear_solver` of a
+    Newton-type solver and of [`parallel_dynamics.ImplicitAdjoint`][], with the inputs
+    sharded along time, to keep the whole solve sharded: see the "Sequence
+    parallelism" guide.
+
+    !!! Example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import parallel_dynamics as pdyn
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh = jax.make_mesh((jax.device_count(),), ("time",))
+        sharding = NamedSharding(mesh, PartitionSpec("time"))
+        xs = jax.device_put(jnp.ones((1024, 4)), sharding)
+        scan = pdyn.ShardedScan(mesh)
+        step = lambda y, x, args: jnp.tanh(0.5 * y + x)
+        sol = pdyn.solve(
+            step,
+            pdyn.QuasiDEER(linear_solver=scan),
+            jnp.zeros(4),
+            xs,
+            init=jax.device_put(jnp.zeros((1024, 4)), sharding),
+            adjoint=pdyn.ImplicitAdjoint(linear_solver=scan),
+        )
+        ```
+    """
+
+    mesh: Mesh = eqx.field(static=True)
+    axis_name: str = eqx.field(static=True, default="time")
+    local: AbstractScanSolver = AutoScan()
+
+    def __check_init__(self):
+        if not isinstance(self.mesh, Mesh):
+            raise TypeError(
+                f"`mesh` must be a `jax.sharding.Mesh`, got {type(self.mesh).__name__}."
+            )
+        if self.axis_name not in self.mesh.axis_names:
+            raise ValueError(
+                f"`axis_name={self.axis_name!r}` is not an axis of the mesh, whose "
+                f"axes are {self.mesh.axis_names}."
+            )
+        if not isinstance(self.local, AbstractScanSolver) or isinstance(
+            self.local, ShardedScan
+        ):
+            raise TypeError(
+                "`local` must be a single-device scan solver (`pdyn.AutoScan()`, "
+                f"`pdyn.SequentialScan()`, ...), got {self.local!r}."
+            )
+
+    def _solve(self, blocks, offsets, reverse):
+        return sharded_scan(
+            blocks,
+            offsets,
+            mesh=self.mesh,
+            axis_name=self.axis_name,
+            local=self.local,
+            reverse=reverse,
+        )
+
+    def compute(self, state, vector, options):
+        del options
+        blocks, lower = state
+        # The transposed system is solved with the successor blocks shifted inside
+        # the sharded scan (one block per device crosses a device boundary), rather
+        # than by rolling the whole sharded block array.
+        solution = sharded_scan(
+            blocks,
+            vector,
+            mesh=self.mesh,
+            axis_name=self.axis_name,
+            local=self.local,
+            reverse=not lower,
+            successor=not lower,
+        )
+        return solution, lx.RESULTS.successful, {}
+
+
+ShardedScan.__init__.__doc__ = """**Arguments:**
+
+- `mesh`: a `jax.sharding.Mesh`, e.g. `jax.make_mesh((4,), ("time",))`.
+- `axis_name`: the mesh axis that the time axis is sharded over (default `"time"`).
+    Other mesh axes, if any, are left to the caller (e.g. a batch axis under
+    `jax.vmap`).
+- `local`: the scan each device runs on its chunk: [`parallel_dynamics.AutoScan`][]
+    (default), [`parallel_dynamics.SequentialScan`][],
+    [`parallel_dynamics.ChunkedScan`][] or [`parallel_dynamics.ParallelScan`][]. With
+    a sequential local scan the chunk summary is accumulated in one `lax.scan`,
+    otherwise by a tree reduction of depth $O(\\log(T / P))$.
+"""

@@ -1,0 +1,213 @@
+"""Sequence parallelism: [`parallel_dynamics.ShardedScan`][] on 4 emulated CPU devices.
+
+The pytest process has already initialised JAX with one CPU device, so every check
+runs in one subprocess started with `--xla_force_host_platform_device_count=4`, which
+prints its measurements as JSON; the assertions are made here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    import lineax as lx
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    import parallel_dynamics as pdyn
+
+    jax.config.update("jax_enable_x64", True)
+    out = {"devices": jax.device_count()}
+    mesh = jax.make_mesh((4,), ("time",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec("time"))
+    scan = pdyn.ShardedScan(mesh)
+    D = 4
+    keys = jax.random.split(jax.random.key(0), 4)
+
+    def err(a, b):
+        return float(jnp.max(jnp.abs(a - b)))
+
+    def spec(x):
+        return [str(s) for s in x.sharding.spec]
+
+    def shards(x):
+        return sorted(s.data.shape[0] for s in x.addressable_shards)
+
+    # 1. The linear solves, forward and transposed, for every block structure.
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        # A time axis not divisible by 4 cannot be sharded as a `jax.Array`: such
+        # inputs are placed on the mesh unsharded, and the scans pad internally.
+        if x.shape[0] % 4:
+            return jax.device_put(x, replicated)
+        return pdyn.shard_time(x, mesh)
+
+    try:
+        pdyn.shard_time(jnp.zeros((13, D)), mesh)
+        out["uneven_error"] = ""
+    except ValueError as e:
+        out["uneven_error"] = str(e)
+
+    for T in (16, 13):
+        b = place(jax.random.normal(keys[0], (T, D)))
+        names = ("diagonal", "dense", "block", "identity", "zero") if T == 16 else ()
+        all_blocks = {
+            "diagonal": pdyn.DiagonalBlocks(jax.random.normal(keys[1], (T, D))),
+            "dense": pdyn.DenseBlocks(0.5 * jax.random.normal(keys[1], (T, D, D))),
+            "block": pdyn.BlockDiagonalBlocks(
+                0.5 * jax.random.normal(keys[1], (T, 2, 2, 2))
+            ),
+            "identity": pdyn.IdentityBlocks(T, D, jnp.float64),
+            "zero": pdyn.ZeroBlocks(T, D, jnp.float64),
+        }
+        # T = 13: the padded path, for the two structures with different summaries.
+        names = names or ("diagonal", "dense")
+        all_blocks = {name: all_blocks[name] for name in names}
+
+        @jax.jit
+        def solves(all_blocks, b):
+            results = {}
+            for name, blocks in all_blocks.items():
+                for lower in (True, False):
+                    op = pdyn.BlockBidiagonalOperator(blocks, lower=lower)
+                    for label, solver in (("ref", pdyn.SequentialScan()), ("sh", scan)):
+                        sol = lx.linear_solve(op, b, solver, throw=False)
+                        results[(name, lower, label)] = sol.value
+            return results
+
+        results = solves(all_blocks, b)
+        for name in all_blocks:
+            for lower in (True, False):
+                ref, got = results[(name, lower, "ref")], results[(name, lower, "sh")]
+                out[f"linear/{T}/{name}/{lower}"] = err(ref, got)
+                if T == 16:
+                    out[f"linear_spec/{name}/{lower}"] = spec(got)
+
+    # 2. Solves: DEER and quasi-DEER, T divisible by 4 or not.
+    def step(y, x, w):
+        return jnp.tanh(w @ y + x)
+
+    w = 0.5 * jax.random.normal(keys[2], (D, D))
+    y0 = 0.1 * jnp.ones(D)
+    for T in (32, 30):
+        xs = jax.random.normal(keys[3], (T, D))
+        ref = pdyn.solve(step, pdyn.Sequential(), y0, xs, w).value
+        xs_sharded = place(xs)
+        solvers = [("deer", pdyn.DEER(linear_solver=scan))]
+        if T == 32:
+            solvers.append(("quasi", pdyn.QuasiDEER(linear_solver=scan)))
+        for name, solver in solvers:
+            sol = pdyn.solve(step, solver, y0, xs_sharded, w, throw=False)
+            out[f"solve/{T}/{name}"] = err(sol.value, ref)
+            out[f"solve_result/{T}/{name}"] = int(sol.result._value)
+            out[f"solve_spec/{T}/{name}"] = spec(sol.value)
+            out[f"solve_shards/{T}/{name}"] = shards(sol.value)
+        if T == 32:
+            # throw=True (the default) gives the same values.
+            sol = pdyn.solve(step, pdyn.DEER(linear_solver=scan), y0, xs_sharded, w)
+            out["solve_throw"] = err(sol.value, ref)
+
+    # 3. Gradients through the implicit adjoint, whose reverse scan is sharded too.
+    def loss(w, xs, y0, solver, adjoint):
+        sol = pdyn.solve(step, solver, y0, xs, w, adjoint=adjoint, throw=False)
+        return jnp.sum(jnp.sin(sol.value))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
+    for T in (32, 30):
+        xs = jax.random.normal(keys[3], (T, D))
+        g_ref = grad(w, xs, y0, pdyn.Sequential(), pdyn.ImplicitAdjoint())
+        g = grad(
+            w,
+            place(xs),
+            y0,
+            pdyn.QuasiDEER(linear_solver=scan),
+            pdyn.ImplicitAdjoint(linear_solver=scan),
+        )
+        out[f"grad/{T}"] = max(err(a, b) for a, b in zip(g, g_ref))
+        out[f"grad_spec/{T}"] = spec(g[1]) if T % 4 == 0 else []
+
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
+    return json.loads(line[len("RESULT") :])
+
+
+def test_four_devices(results):
+    assert results["devices"] == 4
+
+
+@pytest.mark.parametrize(
+    "length, structure",
+    [(16, s) for s in ("diagonal", "dense", "block", "identity", "zero")]
+    + [(13, "diagonal"), (13, "dense")],
+)
+@pytest.mark.parametrize("lower", [True, False])
+def test_linear_solve_matches_sequential(results, length, structure, lower):
+    assert results[f"linear/{length}/{structure}/{lower}"] < 1e-10
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "dense", "block", "identity"])
+@pytest.mark.parametrize("lower", [True, False])
+def test_linear_solve_sharded_along_time(results, structure, lower):
+    assert results[f"linear_spec/{structure}/{lower}"][0] == "time"
+
+
+@pytest.mark.parametrize("length, solver", [(32, "deer"), (32, "quasi"), (30, "deer")])
+def test_solve_matches_single_device(results, length, solver):
+    assert results[f"solve_result/{length}/{solver}"] == 0
+    assert results[f"solve/{length}/{solver}"] < 1e-10
+
+
+def test_solve_with_throw_matches_single_device(results):
+    assert results["solve_throw"] < 1e-10
+
+
+@pytest.mark.parametrize("solver", ["deer", "quasi"])
+def test_solution_sharded_along_time(results, solver):
+    # T = 32 on 4 devices: 8 time steps per device, each its own shard.
+    assert results[f"solve_spec/32/{solver}"][0] == "time"
+    assert results[f"solve_shards/32/{solver}"] == [8, 8, 8, 8]
+
+
+def test_uneven_length_raises_clear_error(results):
+    # A `jax.Array` cannot be split unevenly, so `shard_time` refuses T = 13 on 4
+    # devices and says how to pad; the solves above with T = 30 (inputs unsharded,
+    # the scans padding to 32 inside) still match the single-device solve.
+    assert "pad" in results["uneven_error"]
+    assert "4 devices" in results["uneven_error"]
+
+
+@pytest.mark.parametrize("length", [32, 30])
+def test_gradients_match_single_device(results, length):
+    assert results[f"grad/{length}"] < 1e-10
+    if length == 32:
+        assert results[f"grad_spec/{length}"][0] == "time"
