@@ -10,6 +10,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._adjoint import ImplicitAdjoint
 from ._problem import Recurrence, recurrence_residual, StateLayout
+from ._solver import AbstractNewton, AbstractRecurrenceSolver
 
 
 def _check_state(y0: PyTree) -> None:
@@ -34,13 +35,38 @@ def _check_state(y0: PyTree) -> None:
                 f"Every leaf of `y0` must have a floating dtype; the leaf at {where} "
                 f"has dtype {dtype}."
             )
+        if jnp.finfo(dtype).bits < 32:
+            raise TypeError(
+                f"Half-precision states are not supported: the leaf of `y0` at {where} "
+                f"has dtype {dtype}. The default tolerances and the scans need at "
+                "least float32: solve in float32 and cast the result."
+            )
+
+
+def _static_int(name: str, value) -> int | None:
+    """`value` as a Python int (or `None`); NumPy and concrete JAX integer scalars are
+    accepted, traced values are not (the value fixes shapes or the iteration limit)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a Python int, got the bool {value!r}.")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` must be a static Python int, got a traced value ({value}). "
+            "Inside `jax.jit`, compute it from shapes or mark it static."
+        )
+    if (
+        eqx.is_array(value)
+        and jnp.ndim(value) == 0
+        and jnp.issubdtype(jnp.result_type(value), jnp.integer)
+    ):
+        return int(value)
+    raise TypeError(f"`{name}` must be a Python int, got {value!r}.")
 
 
 def _sequence_length(inputs: PyTree, length: int | None) -> int:
-    if length is not None:
-        if isinstance(length, bool) or not isinstance(length, (int, np.integer)):
-            raise TypeError(f"`length` must be a Python int, got {length!r}.")
-        length = int(length)
     input_lengths = set()
     for path, leaf in jtu.tree_leaves_with_path(inputs):
         where = jtu.keystr(path) or "(the root)"
@@ -83,6 +109,15 @@ def _describe(struct: PyTree) -> str:
 
 
 def _check_step_output(out_struct: PyTree, y0: PyTree) -> None:
+    for path, leaf in jtu.tree_leaves_with_path(out_struct):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            where = jtu.keystr(path) or "(the root)"
+            raise TypeError(
+                "`step` must return a PyTree of arrays with the structure, shapes and "
+                f"dtypes of `y0`; the leaf at {where} of its output is a "
+                f"{type(leaf).__name__} ({leaf!r}). Wrap constants with `jnp.asarray` "
+                "and the dtype of `y0`."
+            )
     y0_struct = jax.eval_shape(lambda: y0)
     if jtu.tree_structure(out_struct) != jtu.tree_structure(y0_struct):
         raise ValueError(
@@ -110,6 +145,14 @@ def _initial_guess(init: PyTree | None, y0: PyTree, layout: StateLayout, length:
     expected = jtu.tree_map(
         lambda x: jax.ShapeDtypeStruct((length,) + x.shape, x.dtype), y0
     )
+    for path, leaf in jtu.tree_leaves_with_path(init):
+        if not eqx.is_array(leaf):
+            where = jtu.keystr(path) or "(the root)"
+            raise TypeError(
+                "`init` must be a PyTree of arrays laid out like the solution "
+                f"({_describe(expected)}); the leaf at {where} is a "
+                f"{type(leaf).__name__}."
+            )
     got = jax.eval_shape(lambda: init)
     if jtu.tree_structure(got) != jtu.tree_structure(expected) or any(
         (g.shape, g.dtype) != (e.shape, e.dtype)
@@ -123,7 +166,6 @@ def _initial_guess(init: PyTree | None, y0: PyTree, layout: StateLayout, length:
     return jax.lax.stop_gradient(layout.flatten_trajectory(init))
 
 
-@eqx.filter_jit
 def solve(
     step: Callable,
     solver: optx.AbstractRootFinder,
@@ -166,25 +208,32 @@ def solve(
         otherwise. Keyword only.
     - `init`: an initial guess for the trajectory, laid out like `sol.value`. Defaults
         to $y_0$ at every step. It receives no gradient. Keyword only.
-    - `max_steps`: the maximum number of iterations. Defaults to $T$ (every
-        Newton-type solver is exact after $T$ iterations: the first $i$ states are
-        exact after $i$ iterations), and to $2T + 10$ for the Levenberg–Marquardt
-        solvers (whose final steps verify convergence). Keyword only.
+    - `max_steps`: the maximum number of iterations, a positive int. Defaults to $T$
+        (in exact arithmetic every Newton-type solver is exact after $T$ iterations:
+        the first $i$ states are exact after $i$ iterations), and to $2T + 10$ for the
+        Levenberg–Marquardt solvers (whose final steps verify convergence). Keyword
+        only.
     - `adjoint`: how to differentiate: [`parallel_dynamics.ImplicitAdjoint`][] (the
         default) uses the implicit function theorem with a reverse parallel scan, never
         backpropagating through the iterations. Keyword only.
-    - `throw`: if `True`, a failed solve (maximum steps reached, non-finite values)
-        raises an error that says what happened and what to try, as
-        `optimistix.root_find` does. If `False`, the failure is
-        reported in `sol.result` and `sol.value` holds the last finite iterate.
-        Keyword only.
+    - `throw`: if `True`, a failed solve (maximum steps reached, non-finite values,
+        divergence) raises an error that says what happened and what to try, as
+        `optimistix.root_find` does. If `False`, the failure is reported in
+        `sol.result` and `sol.value` holds the last finite iterate. Keyword only.
 
     **Returns:**
 
     An `optimistix.Solution`: `sol.value` is $y_1, \\dots, y_T$ with the structure of
-    `y0` and a leading time axis $T$; `sol.result` an `optimistix.RESULTS`;
+    `y0` and a leading time axis $T$; `sol.result` an `optimistix.RESULTS`
+    (`successful`, `nonfinite`, `nonlinear_max_steps_reached` or
+    `nonlinear_divergence`, as listed in the documentation's "Failure modes" page);
     `sol.stats` has `num_steps`, `max_steps` and `residual_norm` (the norm of the
     residual at the returned trajectory).
+
+    Wrong arguments (a state that is not a PyTree of float32 or float64 arrays, a step
+    whose output differs from `y0` in structure, shape or dtype, inputs of different
+    lengths, an `init` with the wrong layout, ...) raise a `TypeError` or `ValueError`
+    naming the argument when the solve is traced.
 
     !!! Example
 
@@ -201,18 +250,53 @@ def solve(
         print(sol.value.shape, sol.stats["num_steps"])
         ```
     """
-    if not isinstance(
+    # The static arguments are normalised before `jit` sees them: NumPy integers
+    # would otherwise be traced.
+    if not isinstance(throw, (bool, np.bool_)):
+        raise TypeError(f"`throw` must be a bool, got {throw!r}.")
+    return _solve(
+        step,
         solver,
-        (
-            optx.AbstractRootFinder,
-            optx.AbstractLeastSquaresSolver,
-            optx.AbstractMinimiser,
-        ),
-    ):
+        y0,
+        inputs,
+        args,
+        length=_static_int("length", length),
+        init=init,
+        max_steps=_static_int("max_steps", max_steps),
+        adjoint=adjoint,
+        throw=bool(throw),
+    )
+
+
+@eqx.filter_jit
+def _solve(
+    step: Callable,
+    solver: optx.AbstractRootFinder,
+    y0: PyTree[ArrayLike],
+    inputs: PyTree[ArrayLike] | None,
+    args: PyTree,
+    *,
+    length: int | None,
+    init: PyTree[ArrayLike] | None,
+    max_steps: int | None,
+    adjoint: optx.AbstractAdjoint,
+    throw: bool,
+) -> optx.Solution:
+    if isinstance(solver, type):
         raise TypeError(
-            "`solver` must be an Optimistix root finder such as `pdyn.DEER()`, got "
-            f"{type(solver).__name__}."
+            f"`solver` must be a solver instance, got the class `{solver.__name__}`: "
+            f"construct one, e.g. `{solver.__name__}()`."
         )
+    if not isinstance(solver, AbstractRecurrenceSolver):
+        cls = type(solver)
+        raise TypeError(
+            "`solver` must be a recurrence solver (a "
+            "`parallel_dynamics.AbstractRecurrenceSolver` such as `pdyn.DEER()`, "
+            "`pdyn.QuasiDEER()`, `pdyn.ELK()` or `pdyn.Sequential()`), got "
+            f"`{cls.__module__.split('.')[0]}.{cls.__name__}`. Generic Optimistix "
+            "root finders do not exploit the structure of the recurrence."
+        )
+    solver.check_tolerances()
     if not isinstance(adjoint, optx.AbstractAdjoint):
         raise TypeError(
             f"`adjoint` must be an `optimistix.AbstractAdjoint`, got {adjoint!r}."
@@ -221,14 +305,10 @@ def solve(
         raise TypeError(f"`step` must be callable, got {type(step).__name__}.")
     _check_state(y0)
     length = _sequence_length(inputs, length)
-    if max_steps is not None:
-        if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
-            raise TypeError(f"`max_steps` must be a positive int, got {max_steps!r}.")
-        if max_steps < 1:
-            raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")
-        max_steps = int(max_steps)
-    else:
+    if max_steps is None:
         max_steps = solver.default_max_steps(length)
+    elif max_steps < 1:
+        raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")
 
     x_struct = jax.eval_shape(lambda: jtu.tree_map(lambda x: x[0], inputs))
     closed_step = eqx.filter_closure_convert(step, y0, x_struct, args)
@@ -253,9 +333,49 @@ def solve(
         adjoint=adjoint,
         throw=False,
     )
+    sol = _check_exhausted(sol, solver, recurrence)
     if throw:
         sol = _raise_on_failure(sol)
     return eqx.tree_at(lambda s: s.value, sol, layout.unflatten_trajectory(sol.value))
+
+
+_ROUNDING_ULPS = 16
+
+
+def _check_exhausted(
+    sol: optx.Solution, solver: AbstractRecurrenceSolver, recurrence: Recurrence
+) -> optx.Solution:
+    """Verifies a Newton-type solve that stopped because it had taken $T$ iterations.
+
+    In exact arithmetic $T$ iterations of any Newton-type update solve the recurrence
+    (the first $i$ states are exact after $i$ iterations), and the solvers stop there
+    whatever their last update was. In floating point that fails when the iterates
+    grew large on the way (Picard or a quasi method on an expanding or chaotic map):
+    subtracting a huge update leaves a rounding error of the order of the huge value.
+    So such a trajectory is only reported successful if every defect
+    $|y_t - f(y_{t-1}, x_t)|$ is below $\\text{atol} + \\text{rtol}\\,|y_t|$ plus a
+    rounding allowance of $16 \\varepsilon (1 + |y_t|)$ (which matters only for tiny
+    tolerances); otherwise the result is `RESULTS.nonlinear_divergence`.
+    """
+    if not isinstance(solver, AbstractNewton):
+        return sol
+    exhausted = (sol.stats["num_steps"] >= recurrence.length) & (
+        sol.result == optx.RESULTS.successful
+    )
+    trajectory = jax.lax.stop_gradient(sol.value)
+    rtol, atol = solver.tolerances(trajectory.dtype)
+    rounding = _ROUNDING_ULPS * jnp.finfo(trajectory.dtype).eps
+
+    def accurate():
+        magnitude = jnp.abs(trajectory)
+        bound = atol + rtol * magnitude + rounding * (1 + magnitude)
+        return jnp.all(jnp.abs(recurrence.residual(trajectory)) <= bound)
+
+    inaccurate = exhausted & ~jax.lax.cond(exhausted, accurate, lambda: jnp.array(True))
+    result = optx.RESULTS.where(
+        inaccurate, optx.RESULTS.nonlinear_divergence, sol.result
+    )
+    return eqx.tree_at(lambda s: s.result, sol, result)
 
 
 _NONFINITE_MESSAGE = (
@@ -268,11 +388,20 @@ _NONFINITE_MESSAGE = (
 )
 _MAX_STEPS_MESSAGE = (
     "parallel_dynamics.solve: the solver did not converge within `max_steps` "
-    "iterations. Every Newton-type solver is exact after T iterations, so "
-    "`max_steps=None` (the default, T) always suffices; slow convergence usually means "
-    "a chaotic or weakly contracting map (see `pdyn.lyapunov_exponent`). Try "
-    "`pdyn.DEER` or `pdyn.ELK` instead of a quasi or fixed-point method, looser "
-    "tolerances, or `pdyn.Sequential()`; pass `throw=False` to inspect the result."
+    "iterations. In exact arithmetic every Newton-type solver is exact after T "
+    "iterations (the default `max_steps` is T, and 2T + 10 for ELK), so this usually "
+    "means a `max_steps` below T with a chaotic or weakly contracting map (see "
+    "`pdyn.lyapunov_exponent`), or ELK stalling on one. Try `pdyn.DEER` or `pdyn.ELK` "
+    "instead of a quasi or fixed-point method, looser tolerances, or "
+    "`pdyn.Sequential()`; pass `throw=False` to inspect the result."
+)
+_DIVERGENCE_MESSAGE = (
+    "parallel_dynamics.solve: the solver used all T iterations (after which it is "
+    "exact in exact arithmetic) but the returned trajectory violates the recurrence by "
+    "more than `atol + rtol * |y|`: the iterates grew so large on the way that "
+    "rounding errors swamped the solution (a fixed-point or quasi method on an "
+    "expanding, unstable or chaotic map). Try `pdyn.DEER` or `pdyn.ELK`, float64, a "
+    "better `init`, or `pdyn.Sequential()`; pass `throw=False` to inspect the result."
 )
 
 
@@ -281,5 +410,8 @@ def _raise_on_failure(sol: optx.Solution) -> optx.Solution:
     sol = eqx.error_if(sol, result == optx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
     sol = eqx.error_if(
         sol, result == optx.RESULTS.nonlinear_max_steps_reached, _MAX_STEPS_MESSAGE
+    )
+    sol = eqx.error_if(
+        sol, result == optx.RESULTS.nonlinear_divergence, _DIVERGENCE_MESSAGE
     )
     return result.error_if(sol, result != optx.RESULTS.successful)
