@@ -211,3 +211,19 @@ def test_gradients_match_single_device(results, length):
     assert results[f"grad/{length}"] < 1e-10
     if length == 32:
         assert results[f"grad_spec/{length}"][0] == "time"
+
+
+def test_argument_errors():
+    import jax
+    from jax.sharding import AxisType
+
+    import parallel_dynamics as pdyn
+
+    mesh = jax.make_mesh((1,), ("time",), axis_types=(AxisType.Auto,))
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        pdyn.ShardedScan(mesh, axis_name="batch")
+    with pytest.raises(TypeError, match="single-device scan solver"):
+        pdyn.ShardedScan(mesh, local=pdyn.ShardedScan(mesh))
+    explicit = jax.make_mesh((1,), ("time",), axis_types=(AxisType.Explicit,))
+    with pytest.raises(ValueError, match="AxisType.Auto"):
+        pdyn.ShardedScan(explicit)

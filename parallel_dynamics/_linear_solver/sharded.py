@@ -120,8 +120,11 @@ def shard_time(x, mesh: Mesh, axis_name: str = "time"):
         import jax.numpy as jnp
         import parallel_dynamics as pdyn
 
-        mesh = jax.make_mesh((jax.device_count(),), ("time",))
-        xs = pdyn.shard_time(jnp.zeros((8 * jax.device_count(), 3)), mesh)
+        from jax.sharding import AxisType
+
+        n = jax.device_count()
+        mesh = jax.make_mesh((n,), ("time",), axis_types=(AxisType.Auto,))
+        xs = pdyn.shard_time(jnp.zeros((8 * n, 3)), mesh)
         ```
     """
     sharding = NamedSharding(mesh, PartitionSpec(axis_name))
@@ -299,11 +302,11 @@ class ShardedScan(AbstractScanSolver):
         import jax
         import jax.numpy as jnp
         import parallel_dynamics as pdyn
-        from jax.sharding import NamedSharding, PartitionSpec
+        from jax.sharding import AxisType
 
-        mesh = jax.make_mesh((jax.device_count(),), ("time",))
-        sharding = NamedSharding(mesh, PartitionSpec("time"))
-        xs = jax.device_put(jnp.ones((1024, 4)), sharding)
+        n = jax.device_count()
+        mesh = jax.make_mesh((n,), ("time",), axis_types=(AxisType.Auto,))
+        xs = pdyn.shard_time(jnp.ones((256 * n, 4)), mesh)
         scan = pdyn.ShardedScan(mesh)
         step = lambda y, x, args: jnp.tanh(0.5 * y + x)
         sol = pdyn.solve(
@@ -311,8 +314,8 @@ class ShardedScan(AbstractScanSolver):
             pdyn.QuasiDEER(linear_solver=scan),
             jnp.zeros(4),
             xs,
-            init=jax.device_put(jnp.zeros((1024, 4)), sharding),
             adjoint=pdyn.ImplicitAdjoint(linear_solver=scan),
+            throw=False,  # keeps `sol.value` sharded (see the guide)
         )
         ```
     """
@@ -330,6 +333,15 @@ class ShardedScan(AbstractScanSolver):
             raise ValueError(
                 f"`axis_name={self.axis_name!r}` is not an axis of the mesh, whose "
                 f"axes are {self.mesh.axis_names}."
+            )
+        axis_type = dict(zip(self.mesh.axis_names, self.mesh.axis_types))
+        if axis_type[self.axis_name] == AxisType.Explicit:
+            raise ValueError(
+                f"The mesh axis {self.axis_name!r} is `AxisType.Explicit` (the default "
+                "of `jax.make_mesh`), whose sharding-in-types rules the solvers do not "
+                "support yet. Build the mesh with `axis_types=(AxisType.Auto,)`, e.g. "
+                f"`jax.make_mesh((n,), ({self.axis_name!r},), "
+                "axis_types=(jax.sharding.AxisType.Auto,))`."
             )
         if not isinstance(self.local, AbstractScanSolver) or isinstance(
             self.local, ShardedScan
@@ -369,7 +381,8 @@ class ShardedScan(AbstractScanSolver):
 
 ShardedScan.__init__.__doc__ = """**Arguments:**
 
-- `mesh`: a `jax.sharding.Mesh`, e.g. `jax.make_mesh((4,), ("time",))`.
+- `mesh`: a `jax.sharding.Mesh` whose axis `axis_name` is `AxisType.Auto`, e.g.
+    `jax.make_mesh((4,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))`.
 - `axis_name`: the mesh axis that the time axis is sharded over (default `"time"`).
     Other mesh axes, if any, are left to the caller (e.g. a batch axis under
     `jax.vmap`).
