@@ -754,8 +754,10 @@ def diffeqsolve(
                 "takes its tolerances from an adaptive step size controller, which a "
                 "parallel-in-time solve cannot use. Set them explicitly and tightly "
                 "(the parallel solver differentiates through each step), e.g. "
-                f"`diffrax.{type(solver).__name__}(root_finder=diffrax.VeryChord("
-                "rtol=1e-10, atol=1e-10, norm=optimistix.max_norm))` in float64."
+                f"`diffrax.{type(solver).__name__}(root_finder=optimistix.Newton("
+                "rtol=1e-10, atol=1e-10))` in float64, or `diffrax.VeryChord(rtol=1e-8, "
+                "atol=1e-8, norm=optimistix.max_norm)` (which may report divergence at "
+                "tolerances near rounding error)."
             )
 
     grid = _make_grid(t0, t1, dt0, saveat, stepsize_controller)

@@ -19,7 +19,8 @@ import optimistix as optx
 import pytest
 
 import parallel_dynamics as pdyn
-from parallel_dynamics._diffrax import diffeqsolve, DiffraxStep
+from parallel_dynamics import _diffrax as pdyn_diffrax, diffeqsolve
+from parallel_dynamics._diffrax import DiffraxStep
 
 
 RTOL = 1e-8
@@ -118,22 +119,41 @@ def test_ode_solvers_match_diffrax(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, terms",
+    "solver, terms",
     [
-        ("Euler", SDE),
-        ("Heun", SDE),
-        ("ShARK", ADDITIVE_SDE),
-        ("SEA", ADDITIVE_SDE),
+        (dfx.Euler(), SDE),
+        (dfx.Heun(), SDE),
+        (dfx.ShARK(), ADDITIVE_SDE),
+        (dfx.SEA(), ADDITIVE_SDE),
+        # Reads the path over half steps, so the increments are not precomputed.
+        (dfx.HalfSolver(dfx.Heun()), SDE),
     ],
+    ids=["Euler", "Heun", "ShARK", "SEA", "HalfSolver"],
 )
-def test_sde_solvers_match_diffrax(name, terms):
-    solver = getattr(dfx, name)()
+def test_sde_solvers_match_diffrax(solver, terms):
     saveat = dfx.SaveAt(t0=True, ts=OFF_GRID[1:-1], steps=True)
     expected = _reference(terms, solver, saveat)
     sol = diffeqsolve(terms, solver, T0, T1, DT0, Y0, ARGS, saveat=saveat)
     assert sol.result == dfx.RESULTS.successful
     assert_close(sol.ys, expected.ys)
     assert_close(sol.ts, expected.ts, rtol=1e-14)
+
+
+def test_precomputed_brownian_increment_is_only_used_over_its_step():
+    # A solver reading the path over any other interval than its step gets NaN (and
+    # the solve fails as non-finite) rather than a wrong increment.
+    path = dfx.UnsafeBrownianPath(shape=(3,), key=jr.key(3))
+    terms = dfx.MultiTerm(ODE, dfx.ControlTerm(_diffusion, path))
+    step = DiffraxStep(terms, dfx.Euler())
+    assert step.precompute_increments
+    assert not DiffraxStep(terms, dfx.HalfSolver(dfx.Euler())).precompute_increments
+    inputs = step.inputs(jnp.array([0.0, 0.5, 1.0]))
+    x = jtu.tree_map(lambda u: u[1], inputs)
+    (stand_in,) = pdyn_diffrax._brownian_paths(step._wrapped_terms(*x))
+    expected = path.evaluate(0.5, 1.0)
+    np.testing.assert_array_equal(stand_in.evaluate(0.5, 1.0), expected)
+    assert np.all(np.isnan(stand_in.evaluate(0.5, 0.75)))
+    assert np.all(np.isnan(stand_in.evaluate(0.0, 0.5)))
 
 
 def test_parallel_solvers_agree():
@@ -321,13 +341,27 @@ def test_diffrax_step_with_solve_and_lyapunov_exponent():
 # --- gradients ----------------------------------------------------------------------
 
 
-def _gradients(solve, terms, solver):
+def _gradients(solve, terms, solver, saveat):
     def loss(y0, args):
-        saveat = dfx.SaveAt(ts=OFF_GRID[1:], steps=10)
         sol = solve(terms, solver, T0, T1, DT0, y0, args, saveat=saveat)
         return jnp.sum(jnp.sin(sol.ys))
 
     return jax.grad(loss, argnums=(0, 1))(Y0, ARGS)
+
+
+def _assert_gradients_match(terms, solver, saveat):
+    expected = _gradients(dfx.diffeqsolve, terms, solver, saveat)
+    got = _gradients(diffeqsolve, terms, solver, saveat)
+    if terms is ODE:  # no diffusion: the gradient for its scale is zero
+        assert float(got[1]["s"]) == 0.0 == float(expected[1]["s"])
+    assert_close(got, expected)
+    assert all(np.all(np.isfinite(g)) for g in jtu.tree_leaves(got))
+
+
+def test_gradients_match_backpropagation_through_diffrax():
+    # Implicit differentiation of the parallel solve against backpropagation through
+    # Diffrax's loop, with respect to `y0` and `args`.
+    _assert_gradients_match(ODE, dfx.Euler(), dfx.SaveAt(steps=True))
 
 
 @pytest.mark.slow
@@ -336,13 +370,9 @@ def _gradients(solve, terms, solver):
     [(ODE, dfx.Tsit5()), (SDE, dfx.Heun())],
     ids=["ode_tsit5", "sde_heun"],
 )
-def test_gradients_match_backpropagation_through_diffrax(terms, solver):
-    expected = _gradients(dfx.diffeqsolve, terms, solver)
-    got = _gradients(diffeqsolve, terms, solver)
-    if terms is ODE:  # no diffusion: the gradient for its scale is zero
-        assert float(got[1]["s"]) == 0.0
-        got, expected = (got[0], got[1]["k"]), (expected[0], expected[1]["k"])
-    assert_close(got, expected, rtol=1e-6)
+def test_gradients_through_interpolation_and_sdes(terms, solver):
+    # Also through the dense output at off-grid times, and for an SDE.
+    _assert_gradients_match(terms, solver, dfx.SaveAt(ts=OFF_GRID[1:], steps=10))
 
 
 # --- failures -----------------------------------------------------------------------
@@ -410,6 +440,7 @@ def test_implicit_root_finder_failure_is_reported():
         (dict(solver=dfx.ReversibleHeun()), ValueError, "carries state"),
         (dict(solver=dfx.LeapfrogMidpoint()), ValueError, "carries state"),
         (dict(solver=dfx.Kvaerno5()), ValueError, "tolerances"),
+        (dict(solver=dfx.ShARK()), ValueError, "MultiTerm"),
         (dict(solver="Tsit5"), TypeError, "`solver`"),
         (dict(parallel=dfx.Tsit5()), TypeError, "`parallel`"),
         (dict(adjoint=dfx.RecursiveCheckpointAdjoint()), TypeError, "`adjoint"),
