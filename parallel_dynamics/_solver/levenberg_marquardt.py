@@ -6,6 +6,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
+import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
 import optimistix as optx
@@ -227,14 +228,30 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # is a plain scan, which unlike a Kalman filter without damping propagates no
         # covariances, so it stays finite on chaotic maps in double precision.
         newton = all_converged & ~state.newton_failed
-        # Otherwise a damped step on a window of time: the prefix before it has
-        # converged and stays fixed; everything after it waits.
-        active = (times >= start) & (times < start + state.window)
+        # Otherwise the first unconverged state is made exact, y_k = f(y_{k-1}, x_k)
+        # (y_{k-1} is unchanged), which changes only F_k (to zero) and F_{k+1}; then a
+        # damped step on a window of time after it. The prefix up to k stays fixed;
+        # everything after the window waits.
+        exact = (times == start)[:, None]
+        y = jnp.where(exact, values, y)
+        following = jnp.minimum(start + 1, length - 1)
+        inputs = jtu.tree_map(lambda x: x[following], recurrence.inputs)
+        residual_following = y[following] - recurrence.step_at(
+            y[start % length], inputs
+        )
+        residual = jnp.where(exact, 0, residual)
+        residual = jnp.where(
+            ((times == start + 1) & ~all_converged)[:, None],
+            residual_following,
+            residual,
+        )
+        active = (times > start) & (times <= start + state.window)
         active = active | all_converged
         pinned = 1 / jnp.finfo(y.dtype).eps
         damping = jnp.where(active, state.damping, pinned)
         # The window's least-squares problem on its own: outside it, no residual and
-        # no coupling to the previous step.
+        # no coupling to the previous step. (A_{k+1} is still the Jacobian at the old
+        # y_k: the model is approximate there, the acceptance test is not.)
         bidiagonal = BlockBidiagonalOperator(mask_time(blocks, active))
         vector = jnp.where(active[:, None], residual, 0)
 
@@ -250,9 +267,6 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
 
         update = lax.cond(newton, newton_step, damped_step)
         update = jnp.where(active[:, None], update, 0)
-        # The window's first step is made exact: with y_{k-1} unchanged,
-        # y_k - F_k = f(y_{k-1}, x_k).
-        update = jnp.where((times == start)[:, None], residual, update)
 
         trial = y - update
         trial_residual = recurrence.residual(trial)
@@ -306,12 +320,13 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # The window is a trust region in time: it doubles after a good step and
         # halves after a rejected one, so that ill-conditioned (chaotic, unstable)
         # problems are solved over horizons on which the linearisation is trusted.
+        # The damping is the first line of defence; the horizon shrinks only when
+        # even a strongly damped step (λ ≥ 1, a step shorter than the residual) fails.
         grown = jnp.minimum(2 * state.window, length)
-        window = jnp.where(
-            accept,
-            jnp.where(ratio > 0.25, grown, state.window),
-            jnp.maximum(state.window // 2, 1),
+        shrunk = jnp.where(
+            state.damping >= 1, jnp.maximum(state.window // 2, 1), state.window
         )
+        window = jnp.where(accept, jnp.where(ratio > 0.25, grown, state.window), shrunk)
         window = jnp.where(newton, state.window, window)
         result = optx.RESULTS.where(
             all_finite(residual), optx.RESULTS.successful, optx.RESULTS.nonfinite
