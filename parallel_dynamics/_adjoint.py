@@ -8,12 +8,18 @@ from optimistix.internal import implicit_jvp
 from ._jacobian import BlockDiagonalJacobian, DenseJacobian
 from ._linear_solver.iterative import IterativeScan
 from ._linear_solver.scan import AutoScan
+from ._linear_solver.sharded import ShardedScan
 
 
 def default_adjoint_solver(solver: optx.AbstractRootFinder) -> lx.AbstractLinearSolver:
     """The dense scan for solvers that already hold $O(T D^2)$ memory (DEER, block
     quasi-Newton, sequential); the memory-lean iterative scan for the quasi and
-    fixed-point solvers, which were chosen for $O(T D)$ memory."""
+    fixed-point solvers, which were chosen for $O(T D)$ memory. A solver whose scans
+    are sharded over devices ([`parallel_dynamics.ShardedScan`][]) gets the same
+    sharded scan for its adjoint, so that gradients stay sharded along time."""
+    linear_solver = getattr(solver, "linear_solver", None)
+    if isinstance(linear_solver, ShardedScan):
+        return linear_solver
     jacobian = getattr(solver, "jacobian", None)
     if jacobian is None or isinstance(jacobian, (DenseJacobian, BlockDiagonalJacobian)):
         return AutoScan()
