@@ -61,9 +61,16 @@ def _is_subsaveat(x) -> bool:
     return isinstance(x, dfx.SubSaveAt)
 
 
-def _solver_nodes(solver: dfx.AbstractSolver, types: tuple) -> list:
-    """The sub-modules of `solver` (itself included) that are instances of `types`."""
-    is_leaf = lambda x: isinstance(x, types)
+def _is_a(x, types) -> bool:
+    """`isinstance` that does not see through `diffrax.AbstractWrappedSolver`s (for
+    which Diffrax's `isinstance` also answers for the wrapped solver)."""
+    return issubclass(type(x), types)
+
+
+def _solver_nodes(solver: dfx.AbstractSolver, types) -> list:
+    """The solvers within `solver` (itself included) of the given types, also inside
+    wrappers such as `diffrax.HalfSolver`."""
+    is_leaf = lambda x: _is_a(x, types)
     return [x for x in jtu.tree_leaves(solver, is_leaf=is_leaf) if is_leaf(x)]
 
 
@@ -78,13 +85,13 @@ def _differentiable_solver(solver: dfx.AbstractSolver) -> dfx.AbstractSolver:
     """
 
     def fix(node):
-        if isinstance(node, dfx.AbstractRungeKutta) and node.scan_kind != "bounded":
+        if _is_a(node, dfx.AbstractRungeKutta) and node.scan_kind != "bounded":
             return eqx.tree_at(lambda s: s.scan_kind, node, "bounded", is_leaf=_is_none)
-        if isinstance(node, dfx.AbstractSRK) and node.scan_kind != "lax":
+        if _is_a(node, dfx.AbstractSRK) and node.scan_kind != "lax":
             return eqx.tree_at(lambda s: s.scan_kind, node, "lax", is_leaf=_is_none)
         return node
 
-    is_solver = lambda x: isinstance(x, (dfx.AbstractRungeKutta, dfx.AbstractSRK))
+    is_solver = lambda x: _is_a(x, (dfx.AbstractRungeKutta, dfx.AbstractSRK))
     return jtu.tree_map(fix, solver, is_leaf=is_solver)
 
 
@@ -552,10 +559,12 @@ _MAX_STEPS_MESSAGE = (
 _NONFINITE_MESSAGE = (
     "parallel_dynamics.diffeqsolve: the solve produced non-finite values (inf or NaN), "
     "either in the solution itself (a blow-up, or a step size too large for the "
-    "solver) or in the linearised recurrence of the parallel solver (Newton's method on "
-    "chaotic dynamics). Try smaller steps, `parallel=pdyn.QuasiDEER()` or "
-    "`pdyn.ELK()`, or `parallel=pdyn.Sequential()`; pass `throw=False` to inspect the "
-    "result."
+    "solver) or in the iterates of the parallel solver (Newton's method from a poor "
+    "initial guess on oscillating, stiff-nonlinear or chaotic dynamics). Try "
+    "`parallel=pdyn.DEER()` if this was quasi-DEER, a better `init` (e.g. a coarse "
+    "sequential solve interpolated onto the steps), a shorter interval, damped steps "
+    "with `parallel=pdyn.ELK()`, or `parallel=pdyn.Sequential()`; pass `throw=False` "
+    "to inspect the result."
 )
 
 
@@ -629,7 +638,11 @@ def diffeqsolve(
         (`diffrax.PIDController`) are rejected. Keyword only.
     - `parallel`: the root finder of [`parallel_dynamics.solve`][]:
         [`parallel_dynamics.QuasiDEER`][] (default), [`parallel_dynamics.DEER`][],
-        [`parallel_dynamics.Sequential`][], .... Keyword only.
+        [`parallel_dynamics.ELK`][], [`parallel_dynamics.Sequential`][], ....
+        Quasi-DEER keeps only the diagonal of each step's Jacobian, which suits
+        dissipative, weakly coupled systems; for oscillators (whose components are
+        coupled by rotation, e.g. Lotka--Volterra) its iterates can blow up, and
+        DEER (Newton) is the one to use for small states. Keyword only.
     - `max_steps`: the maximum number of iterations of `parallel` (not of solver
         steps). `None` (default) allows as many iterations as there are steps, which
         always suffices. Keyword only.
@@ -663,12 +676,17 @@ def diffeqsolve(
         import parallel_dynamics as pdyn
 
         def lotka_volterra(t, y, args):
+            alpha, beta, gamma, delta = args
             prey, predator = y
-            return jnp.stack([prey - prey * predator, prey * predator - predator])
+            return jnp.stack([
+                alpha * prey - beta * prey * predator,
+                delta * prey * predator - gamma * predator,
+            ])
 
         sol = pdyn.diffeqsolve(
             diffrax.ODETerm(lotka_volterra), diffrax.Tsit5(), 0.0, 10.0, 0.01,
-            jnp.array([2.0, 1.0]), saveat=diffrax.SaveAt(ts=jnp.linspace(0, 10, 11)),
+            jnp.array([1.0, 1.0]), (2 / 3, 4 / 3, 1.0, 1.0),
+            saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 10.0, 11)),
             parallel=pdyn.DEER(),
         )
         sol.ys  # (11, 2), as diffrax.diffeqsolve with the same solver and dt0
@@ -743,19 +761,19 @@ def diffeqsolve(
         if max_steps < 1:
             raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")
         max_steps = int(max_steps)
-    if isinstance(solver, dfx.AbstractImplicitSolver):
-        root_finder = solver.root_finder
+    for implicit in _solver_nodes(solver, dfx.AbstractImplicitSolver):
         if any(
-            getattr(root_finder, name, None) is _use_stepsize_tol
+            getattr(implicit.root_finder, name, None) is _use_stepsize_tol
             for name in ("rtol", "atol", "norm")
         ):
+            name = type(implicit).__name__
             raise ValueError(
-                f"`solver={type(solver).__name__}()` is implicit and its root finder "
-                "takes its tolerances from an adaptive step size controller, which a "
+                f"`solver={name}()` is implicit and its root finder takes its "
+                "tolerances from an adaptive step size controller, which a "
                 "parallel-in-time solve cannot use. Set them explicitly and tightly "
                 "(the parallel solver differentiates through each step), e.g. "
-                f"`diffrax.{type(solver).__name__}(root_finder=optimistix.Newton("
-                "rtol=1e-10, atol=1e-10))` in float64, or `diffrax.VeryChord(rtol=1e-8, "
+                f"`diffrax.{name}(root_finder=optimistix.Newton(rtol=1e-10, "
+                "atol=1e-10))` in float64, or `diffrax.VeryChord(rtol=1e-8, "
                 "atol=1e-8, norm=optimistix.max_norm)` (which may report divergence at "
                 "tolerances near rounding error)."
             )

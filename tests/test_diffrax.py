@@ -440,6 +440,8 @@ def test_implicit_root_finder_failure_is_reported():
         (dict(solver=dfx.ReversibleHeun()), ValueError, "carries state"),
         (dict(solver=dfx.LeapfrogMidpoint()), ValueError, "carries state"),
         (dict(solver=dfx.Kvaerno5()), ValueError, "tolerances"),
+        (dict(solver=dfx.HalfSolver(dfx.Kvaerno5())), ValueError, "tolerances"),
+        (dict(solver=dfx.HalfSolver(dfx.ReversibleHeun())), ValueError, "carries"),
         (dict(solver=dfx.ShARK()), ValueError, "MultiTerm"),
         (dict(solver="Tsit5"), TypeError, "`solver`"),
         (dict(parallel=dfx.Tsit5()), TypeError, "`parallel`"),
