@@ -593,7 +593,8 @@ def diffeqsolve(
     This mirrors `diffrax.diffeqsolve` for fixed step sizes and returns the same
     `diffrax.Solution`. Each step of the Diffrax `solver`,
     $y_{n+1} = \\Phi(t_n, t_{n+1}, y_n)$, is one step of a recurrence with inputs
-    $x_n = (t_n, t_{n+1})$ (see [`parallel_dynamics.DiffraxStep`][]), and the whole
+    $x_n = (t_n, t_{n+1})$ (the step map `parallel_dynamics._diffrax.DiffraxStep`,
+    not yet public), and the whole
     discrete solution $y_1, \\dots, y_N$ is found at once by
     [`parallel_dynamics.solve`][] with the `parallel` root finder: the same numbers as
     the sequential solve, to that solver's tolerance. ODEs and SDEs alike: an SDE with
