@@ -168,7 +168,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
     $|F(Y)_t| < \\text{atol} + \\text{rtol}\\,|y_t|$ and moves no state by more than
     the same tolerance. If the Newton step overflows (chaotic maps in single
     precision), damped steps continue and the check is retried; a problem on which it
-    never succeeds ends with `RESULTS.max_steps_reached`, never with a wrong trajectory
+    never succeeds ends with `RESULTS.nonlinear_max_steps_reached`, never with a wrong trajectory
     marked successful. The solve fails with `RESULTS.nonfinite` if the step itself
     produces non-finite values at a finite iterate.
 
