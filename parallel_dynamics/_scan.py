@@ -185,7 +185,7 @@ def chunked_scan(
     - `blocks`: the blocks $A_1, \\dots, A_T$.
     - `offsets`: the `(T, D)` right-hand sides $b_t$.
     - `chunk_size`: $L$; defaults to
-        [`parallel_dynamics._scan.default_chunk_size`][] of $T$. Clipped to $[1, T]$.
+        `parallel_dynamics._scan.default_chunk_size` of $T$. Clipped to $[1, T]$.
     - `reverse`: solve $v_t = A_t v_{t+1} + b_t$, $v_{T+1} = 0$ instead.
 
     **Returns:**

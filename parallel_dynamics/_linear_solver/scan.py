@@ -117,7 +117,7 @@ class ChunkedScan(AbstractScanSolver):
     (reverse) system.
 
     With `chunk_size=None` the chunk size follows
-    [`parallel_dynamics._scan.default_chunk_size`][]: $L = 8$ with fully unrolled sweeps
+    `parallel_dynamics._scan.default_chunk_size`: $L = 8$ with fully unrolled sweeps
     on accelerators (where it measured fastest), $L \\approx \\sqrt{T}$ on CPU.
 
     !!! Example
@@ -184,6 +184,6 @@ SequentialScan.__init__.__doc__ = """**Arguments:** Nothing."""
 ChunkedScan.__init__.__doc__ = """**Arguments:**
 
 - `chunk_size`: the number of time steps per chunk. Defaults to the automatic rule of
-    [`parallel_dynamics._scan.default_chunk_size`][] ($8$ on accelerators, about
+    `parallel_dynamics._scan.default_chunk_size` ($8$ on accelerators, about
     $\\sqrt{T}$ on CPU).
 """
