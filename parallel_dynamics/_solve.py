@@ -398,10 +398,11 @@ _MAX_STEPS_MESSAGE = (
 _DIVERGENCE_MESSAGE = (
     "parallel_dynamics.solve: the solver used all T iterations (after which it is "
     "exact in exact arithmetic) but the returned trajectory violates the recurrence by "
-    "more than `atol + rtol * |y|`: the iterates grew so large on the way that "
-    "rounding errors swamped the solution (a fixed-point or quasi method on an "
-    "expanding, unstable or chaotic map). Try `pdyn.DEER` or `pdyn.ELK`, float64, a "
-    "better `init`, or `pdyn.Sequential()`; pass `throw=False` to inspect the result."
+    "more than `atol + rtol * |y|`: rounding errors swamped the solution, because the "
+    "iterates grew very large on the way or because the map amplifies every rounding "
+    "error (a fixed-point or quasi method on an expanding, unstable or chaotic map). "
+    "Try `pdyn.DEER` or `pdyn.ELK`, float64, a better `init`, or "
+    "`pdyn.Sequential()`; pass `throw=False` to inspect the result."
 )
 
 
