@@ -60,18 +60,37 @@ def _step_and_jacobian(recurrence: Recurrence, y: Array, x: PyTree):
 
 
 def _map_bounded(
-    recurrence: Recurrence, fn: Callable, previous: Array, entries_per_step: int
+    recurrence: Recurrence, fn: Callable, entries_per_step: int, *arrays: Array
 ):
-    """`vmap`s `fn(y_{t-1}, x_t)` over time, in sequential batches when one vmap would
-    materialise more than `_MAX_JACOBIAN_ENTRIES` Jacobian entries."""
-    length = previous.shape[0]
+    """`vmap`s `fn(*arrays_t, x_t)` over time, in sequential batches of time steps when
+    one `vmap` would materialise more than `_MAX_JACOBIAN_ENTRIES` entries
+    (`entries_per_step` estimates them for one step)."""
+    length = arrays[0].shape[0]
     if length * entries_per_step <= _MAX_JACOBIAN_ENTRIES:
-        return recurrence.map_steps(fn, previous)
+        return recurrence.map_steps(fn, *arrays)
     batch_size = max(1, _MAX_JACOBIAN_ENTRIES // entries_per_step)
     if recurrence.inputs is None:
-        return jax.lax.map(lambda y: fn(y, None), previous, batch_size=batch_size)
+        return jax.lax.map(lambda a: fn(*a, None), arrays, batch_size=batch_size)
     return jax.lax.map(
-        lambda yx: fn(*yx), (previous, recurrence.inputs), batch_size=batch_size
+        lambda a: fn(*a[0], a[1]), (arrays, recurrence.inputs), batch_size=batch_size
+    )
+
+
+def _step_width(recurrence: Recurrence) -> int:
+    """An estimate of the entries one step evaluation (or one JVP) materialises: the
+    intermediates of a step (gates, hidden layers) are typically a few times wider
+    than the state."""
+    return _STEP_WIDTH * recurrence.size
+
+
+# Intermediates of one step, in multiples of the state size D (a GRU has about 10).
+_STEP_WIDTH = 16
+
+
+def _evaluate_bounded(recurrence: Recurrence, previous: Array) -> Array:
+    """$f(y_{t-1}, x_t)$ for every $t$, in bounded batches of time steps."""
+    return _map_bounded(
+        recurrence, recurrence.step_at, _step_width(recurrence), previous
     )
 
 
@@ -108,8 +127,8 @@ class DenseJacobian(AbstractJacobian):
         values, matrices = _map_bounded(
             recurrence,
             lambda y, x: _step_and_jacobian(recurrence, y, x),
-            previous,
             size * size,
+            previous,
         )
         return values, DenseBlocks(matrices)
 
@@ -128,8 +147,13 @@ class ExactDiagonal(AbstractJacobian):
     def linearise(self, recurrence, previous, iteration):
         del iteration
         if self.elementwise:
-            values, diagonal = jax.jvp(
-                recurrence.evaluate, (previous,), (jnp.ones_like(previous),)
+
+            def one_jvp(y, x):
+                step = lambda _y: recurrence.step_at(_y, x)
+                return jax.jvp(step, (y,), (jnp.ones_like(y),))
+
+            values, diagonal = _map_bounded(
+                recurrence, one_jvp, _step_width(recurrence), previous
             )
             return values, DiagonalBlocks(diagonal)
 
@@ -138,7 +162,7 @@ class ExactDiagonal(AbstractJacobian):
             return value, jnp.diagonal(jacobian)
 
         size = recurrence.size
-        values, diagonal = _map_bounded(recurrence, fn, previous, size * size)
+        values, diagonal = _map_bounded(recurrence, fn, size * size, previous)
         return values, DiagonalBlocks(diagonal)
 
 
@@ -152,7 +176,7 @@ class StochasticDiagonal(AbstractJacobian):
     deterministic given `key`.
 
     One iteration costs one Jacobian-vector product that also returns the step values
-    (`jax.jvp`; the values are shared by all probes), and drawing the probes, which
+    (`jax.jvp`) per probe, the values being computed once, and drawing the probes, which
     takes one random bit per entry (see `parallel_dynamics._jacobian.rademacher`).
     """
 
@@ -165,18 +189,23 @@ class StochasticDiagonal(AbstractJacobian):
 
     def linearise(self, recurrence, previous, iteration):
         key = jr.fold_in(self.key, iteration)
-        shape = (self.num_probes,) + previous.shape
-        probes = rademacher(key, shape, previous.dtype)
+        length, size = previous.shape
+        probes = rademacher(key, (length, self.num_probes, size), previous.dtype)
 
-        def jvp(probe):
-            return jax.jvp(recurrence.evaluate, (previous,), (probe,))
+        def fn(y, v, x):
+            step = lambda _y: recurrence.step_at(_y, x)
+            if self.num_probes == 1:
+                value, product = jax.jvp(step, (y,), (v[0],))
+                return value, v[0] * product
+            # The value is computed once for all the probes of a step.
+            value, products = jax.vmap(
+                lambda u: jax.jvp(step, (y,), (u,)), out_axes=(None, 0)
+            )(v)
+            return value, jnp.mean(v * products, axis=0)
 
-        if self.num_probes == 1:
-            values, products = jvp(probes[0])
-            return values, DiagonalBlocks(probes[0] * products)
-        # The primal does not depend on the probe: it is evaluated once.
-        values, products = jax.vmap(jvp, out_axes=(None, 0))(probes)
-        return values, DiagonalBlocks(jnp.mean(probes * products, axis=0))
+        width = _step_width(recurrence) * self.num_probes
+        values, diagonal = _map_bounded(recurrence, fn, width, previous, probes)
+        return values, DiagonalBlocks(diagonal)
 
 
 class DiagonalFunction(AbstractJacobian):
@@ -197,7 +226,9 @@ class DiagonalFunction(AbstractJacobian):
             diagonal = self.diagonal_fn(layout.unflatten(y), x, recurrence.args)
             return value, layout.flatten(diagonal)
 
-        values, diagonal = recurrence.map_steps(fn, previous)
+        values, diagonal = _map_bounded(
+            recurrence, fn, _step_width(recurrence), previous
+        )
         return values, DiagonalBlocks(diagonal)
 
 
@@ -228,7 +259,7 @@ class BlockDiagonalJacobian(AbstractJacobian):
             jacobian = jacobian.reshape(num_blocks, k, num_blocks, k)
             return value, jnp.einsum("aiaj->aij", jacobian)
 
-        values, blocks = _map_bounded(recurrence, fn, previous, size * size)
+        values, blocks = _map_bounded(recurrence, fn, size * size, previous)
         return values, BlockDiagonalBlocks(blocks)
 
 
@@ -238,7 +269,7 @@ class IdentityJacobian(AbstractJacobian):
 
     def linearise(self, recurrence, previous, iteration):
         del iteration
-        values = recurrence.evaluate(previous)
+        values = _evaluate_bounded(recurrence, previous)
         length, size = previous.shape
         return values, IdentityBlocks(length, size, previous.dtype)
 
@@ -249,6 +280,6 @@ class ZeroJacobian(AbstractJacobian):
 
     def linearise(self, recurrence, previous, iteration):
         del iteration
-        values = recurrence.evaluate(previous)
+        values = _evaluate_bounded(recurrence, previous)
         length, size = previous.shape
         return values, ZeroBlocks(length, size, previous.dtype)
