@@ -470,13 +470,6 @@ def _tanh_map(y, x, gain):
     return jnp.tanh(gain * y + x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in parallel_dynamics/_solver/base.py `converged`: the 'superlinear' "
-    "shortcut (rate < 0.1 and update < 100 x tolerance) also fires for Jacobi, whose "
-    "updates collapse when the converged front passes the last sensitive stretch of "
-    "the trajectory; it stops with an error of about 100 x the tolerance",
-)
 def test_jacobi_does_not_stop_early_on_a_scalar_tanh_rnn():
     xs = jnp.asarray(np.random.default_rng(14).standard_normal((64, 1)))
     y0, gain = jnp.zeros(1), jnp.asarray(2.0)

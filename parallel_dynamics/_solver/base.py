@@ -7,6 +7,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
+from .._jacobian import DenseJacobian
 from .._problem import Recurrence
 
 
@@ -54,6 +55,12 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
     atol: eqx.AbstractVar[float | None]
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
 
+    @property
+    def superlinear(self) -> bool:
+        """Whether the iteration converges superlinearly (Newton with the true
+        Jacobian), which lets the stopping test save the last iteration."""
+        return isinstance(getattr(self, "jacobian", None), DenseJacobian)
+
     def default_max_steps(self, length: int) -> int:
         """The iteration limit when `pdyn.solve` is given none: $T$, after which every
         Newton-type iteration is exact."""
@@ -87,7 +94,12 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         # every choice of A_t, so T iterations solve the recurrence.
         exact = state.step >= recurrence.length
         failed = state.result != optx.RESULTS.successful
-        done = converged(state.step, state.diffsize, state.diffsize_prev)
+        done = converged(
+            state.step,
+            state.diffsize,
+            state.diffsize_prev,
+            superlinear=self.superlinear,
+        )
         return done | exact | failed, state.result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
@@ -103,7 +115,11 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
 
 
 def converged(
-    num_updates: Int[Array, ""], diffsize: Scalar, diffsize_prev: Scalar
+    num_updates: Int[Array, ""],
+    diffsize: Scalar,
+    diffsize_prev: Scalar,
+    *,
+    superlinear: bool = True,
 ) -> Bool[Array, ""]:
     """Whether the iterate *after* the last update is within tolerance.
 
@@ -112,7 +128,9 @@ def converged(
     $d_k \\theta / (1 - \\theta)$ (Hairer & Wanner, *Solving ODEs II*, IV.8). It must be
     below 1, and so must $d_k$ itself unless the iteration is clearly superlinear
     ($\\theta < 0.1$ and $d_k < 100$, Newton near the root, where this saves the last
-    iteration).
+    iteration; `superlinear=False` turns this off for linearly convergent
+    iterations, whose update sizes can also collapse when the converged prefix passes
+    the sensitive part of a trajectory).
     Slowly contracting iterations ($\\theta \\to 1$) thereby need updates well below
     tolerance before they stop. Updates that no longer shrink ($\\theta \\geq 1$) have
     reached the rounding floor when two in a row are below tolerance.
@@ -124,8 +142,8 @@ def converged(
     small = diffsize < 1
     # The superlinear shortcut only for moderate updates: after an iterate has blown
     # up (d_{k-1} huge), any d_k looks like a tiny rate.
-    superlinear = (rate < 0.1) & (diffsize < 100)
-    extrapolated = contracting & (predicted < 1) & (small | superlinear)
+    shortcut = (rate < 0.1) & (diffsize < 100) if superlinear else False
+    extrapolated = contracting & (predicted < 1) & (small | shortcut)
     floor = ~contracting & small & (diffsize_prev < 1)
     return (num_updates >= 1) & jnp.where(first, small, extrapolated | floor)
 

@@ -302,7 +302,12 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             newton
             & accept
             & (trial_start == length)
-            & converged_by_rate(newton_steps, diffsize, state.newton_diffsize)
+            & converged_by_rate(
+                newton_steps,
+                diffsize,
+                state.newton_diffsize,
+                superlinear=self.superlinear,
+            )
         )
         # On chaotic maps the forward error of a trajectory whose defects are at
         # tolerance can exceed the tolerance by the growth factor of the dynamics, and
@@ -493,5 +498,5 @@ AdaptiveDamping.__init__.__doc__ = """**Arguments:**
 - `initial`: the initial damping $\\lambda_0$.
 - `accept_ratio`: the smallest ratio $\\rho$ of actual to predicted decrease for which a
     step is accepted.
-- `max_damping`: the damping at which the solve is declared stalled.
+- `max_damping`: the largest damping (the damping is clipped there).
 """
