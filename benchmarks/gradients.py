@@ -33,11 +33,11 @@ from .common import (
 
 TOLERANCE = 1e-4
 METHODS = {
-    "QuasiDEER + lean adjoint (default)": (
+    "QuasiDEER + lean adjoint": (
         lambda: pdyn.QuasiDEER(rtol=TOLERANCE, atol=TOLERANCE),
         lambda: pdyn.ImplicitAdjoint(pdyn.IterativeScan()),
     ),
-    "QuasiDEER + dense adjoint": (
+    "QuasiDEER + dense adjoint (default)": (
         lambda: pdyn.QuasiDEER(rtol=TOLERANCE, atol=TOLERANCE),
         lambda: pdyn.ImplicitAdjoint(pdyn.AutoScan()),
     ),

@@ -5,25 +5,21 @@ import lineax as lx
 import optimistix as optx
 from optimistix.internal import implicit_jvp
 
-from ._jacobian import BlockDiagonalJacobian, DenseJacobian
-from ._linear_solver.iterative import IterativeScan
 from ._linear_solver.scan import AutoScan
 from ._linear_solver.sharded import ShardedScan
 
 
 def default_adjoint_solver(solver: optx.AbstractRootFinder) -> lx.AbstractLinearSolver:
-    """The dense scan for solvers that already hold $O(T D^2)$ memory (DEER, block
-    quasi-Newton, sequential); the memory-lean iterative scan for the quasi and
-    fixed-point solvers, which were chosen for $O(T D)$ memory. A solver whose scans
-    are sharded over devices ([`parallel_dynamics.ShardedScan`][]) gets the same
-    sharded scan for its adjoint, so that gradients stay sharded along time."""
+    """The dense transposed scan for every solver: exact to rounding in both
+    precisions. (The memory-lean [`parallel_dynamics.IterativeScan`][] is opt-in: in
+    float32 on long, weakly contracting maps its tolerance-based stop can leave errors
+    of order 1e-2 in the gradient.) A solver whose scans are sharded over devices
+    ([`parallel_dynamics.ShardedScan`][]) gets the same sharded scan for its adjoint,
+    so that gradients stay sharded along time."""
     linear_solver = getattr(solver, "linear_solver", None)
     if isinstance(linear_solver, ShardedScan):
         return linear_solver
-    jacobian = getattr(solver, "jacobian", None)
-    if jacobian is None or isinstance(jacobian, (DenseJacobian, BlockDiagonalJacobian)):
-        return AutoScan()
-    return IterativeScan()
+    return AutoScan()
 
 
 class ImplicitAdjoint(optx.AbstractAdjoint):
@@ -56,9 +52,9 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
       vector-Jacobian) products, preconditioned by the diagonal blocks: exact to its
       tolerance (and exactly after $T$ iterations), memory $O(T D)$.
 
-    By default (`linear_solver=None`) DEER, block quasi-Newton and sequential solves
-    use `AutoScan()`, and quasi-DEER, Picard and Jacobi, which were chosen for their
-    $O(T D)$ memory, use `IterativeScan()`.
+    By default (`linear_solver=None`) every solver uses `AutoScan()`: exact to
+    rounding in both precisions. Pass `IterativeScan()` for $O(T D)$ memory (large
+    $D$); in float32 on long, weakly contracting maps, tighten its tolerances.
     """
 
     linear_solver: lx.AbstractLinearSolver | None = None
@@ -75,5 +71,5 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
 ImplicitAdjoint.__init__.__doc__ = """**Arguments:**
 
 - `linear_solver`: the Lineax solver for the linear systems of the tangent and
-    cotangent passes; `None` (default) chooses per solver, as above.
+    cotangent passes; `None` (default) for the dense scan, as above.
 """
