@@ -73,6 +73,12 @@ def plot_grid(results: dict, path: Path) -> Path | None:
     return path
 
 
+def _correct(row: dict) -> bool:
+    """Converged, and to the right trajectory (max error within 10x the tolerance)."""
+    error = row.get("max_error")
+    return bool(row.get("converged")) and error is not None and error <= 1e-3
+
+
 def plot_convergence(results: dict, path: Path) -> Path | None:
     rows = [
         r for r in results.get("convergence", {}).get("rows", []) if "iterations" in r
@@ -86,7 +92,7 @@ def plot_convergence(results: dict, path: Path) -> Path | None:
         ax = axes[0, j]
         for solver in dict.fromkeys(r["solver"] for r in rows):
             pts = sorted(
-                (r["T"], r["iterations"], r.get("converged"))
+                (r["T"], r["iterations"], _correct(r))
                 for r in rows
                 if r["map"] == label and r["solver"] == solver
             )
@@ -102,8 +108,12 @@ def plot_convergence(results: dict, path: Path) -> Path | None:
         ax.set_yscale("log")
         ax.set_xlabel("T")
         ax.set_ylabel("iterations")
-        lle = next((r["lle"] for r in rows if r["map"] == label and r.get("lle")), None)
-        ax.set_title(label + ("" if lle is None else f", LLE {lle:.2f}"))
+        lle = next(
+            (r["lle"] for r in rows[::-1] if r["map"] == label and r.get("lle")), None
+        )
+        ax.set_title(
+            label + ("" if lle is None else f", LLE {lle:.2f} at the largest T")
+        )
     axes[0, -1].legend(fontsize=7)
     fig.suptitle(
         "Iterations to converge (x: did not converge / non-finite)", fontsize=10

@@ -116,9 +116,9 @@ class ChunkedScan(AbstractScanSolver):
     block-diagonal, dense; identity and zero need no scan) and for the transposed
     (reverse) system.
 
-    With `chunk_size=None` the chunk size follows
-    `parallel_dynamics._scan.default_chunk_size`: $L = 8$ with fully unrolled sweeps
-    on accelerators (where it measured fastest), $L \\approx \\sqrt{T}$ on CPU.
+    With `chunk_size=None` the chunk size is chosen automatically, as in
+    [`parallel_dynamics.chunked_scan`][]: $L = 8$ with fully unrolled sweeps on
+    accelerators (where it measured fastest), $L \\approx \\sqrt{T}$ on CPU.
 
     !!! Example
 
@@ -167,8 +167,11 @@ class AutoScan(AbstractScanSolver):
       (whose parallel scans compose $D \\times D$ or $k \\times k$ blocks).
     - **Accelerators**: [`parallel_dynamics.ChunkedScan`][] with its automatic chunk
       size ($L = 8$, sweeps unrolled), which measured 1.3 to 2 times faster than
-      `jax.lax.associative_scan` for diagonal blocks on an H100, while the sequential
-      scan there is hundreds of times slower.
+      `jax.lax.associative_scan` for diagonal blocks on an H100 ($T = 10^4$ to
+      $10^6$), while the sequential scan there is hundreds of times slower. Dense and
+      block-diagonal blocks were not measured on an accelerator; the chunked scan
+      also does fewer block compositions for them (about $T + T/4$ against about
+      $2T$).
 
     The measurements are in `benchmarks/results/scans_*.json` (`python -m
     benchmarks.run --only scans`).
@@ -184,6 +187,6 @@ SequentialScan.__init__.__doc__ = """**Arguments:** Nothing."""
 ChunkedScan.__init__.__doc__ = """**Arguments:**
 
 - `chunk_size`: the number of time steps per chunk. Defaults to the automatic rule of
-    `parallel_dynamics._scan.default_chunk_size` ($8$ on accelerators, about
-    $\\sqrt{T}$ on CPU).
+    [`parallel_dynamics.chunked_scan`][] ($8$ on accelerators, about $\\sqrt{T}$ on
+    CPU).
 """
