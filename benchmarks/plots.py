@@ -212,9 +212,67 @@ def _f(value, spec="", missing="–"):
     return format(value, spec)
 
 
+def grid_summary(results: dict) -> str:
+    """One table per D: solvers down, T across; each cell is the time as a multiple of
+    `lax.scan` (iterations; XLA buffers in MB), or why the case was not run."""
+    rows = results.get("grid", {}).get("rows", [])
+    if not rows:
+        return ""
+    out = []
+    for size in sorted({r["D"] for r in rows}):
+        lengths = sorted({r["T"] for r in rows if r["D"] == size})
+        solvers = list(dict.fromkeys(r["solver"] for r in rows if r["D"] == size))
+        out += [
+            "",
+            f"**D = {size}**: time / `lax.scan` (iterations, XLA MB)",
+            "",
+            "| solver | " + " | ".join(f"T = {t:.0e}" for t in lengths) + " |",
+            "|---|" + "---|" * len(lengths),
+        ]
+        for solver in solvers:
+            cells = []
+            for length in lengths:
+                match = [
+                    r
+                    for r in rows
+                    if r["D"] == size and r["T"] == length and r["solver"] == solver
+                ]
+                if not match:
+                    cells.append("")
+                    continue
+                r = match[0]
+                if solver == "lax.scan":
+                    ms = r.get("scan_ms")
+                    cells.append(
+                        f"1 ({_f(r.get('xla_memory_mb'), '.0f')} MB"
+                        + ("" if ms is None else f", {ms:.0f} ms")
+                        + ")"
+                    )
+                elif "ratio" in r:
+                    cells.append(
+                        f"**{r['ratio']:.1f}** ({r['iterations']} it, "
+                        f"{_f(r.get('xla_memory_mb'), '.0f')} MB)"
+                    )
+                elif "skipped" in r:
+                    cells.append("skipped¹" if "budget" in r["skipped"] else "skipped²")
+                else:
+                    cells.append("failed")
+            out.append(f"| {solver} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "¹ over the memory budget of the run (XLA buffers of the compiled solve). "
+        "² over the time cap (a smaller T already took longer than the cap, or "
+        "`lax.scan` alone made a parallel solve certain to).",
+    ]
+    return "\n".join(out) + "\n"
+
+
 def markdown(results: dict) -> str:
     """The tables of `docs/benchmarks.md`, from one results JSON."""
     out = [f"Measured on {_label(results)}, {results.get('meta', {}).get('date')}."]
+    summary = grid_summary(results)
+    if summary:
+        out.append(summary)
     grid = results.get("grid", {}).get("rows", [])
     if grid:
         out += [

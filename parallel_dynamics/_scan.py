@@ -184,8 +184,12 @@ def chunked_scan(
 
     - `blocks`: the blocks $A_1, \\dots, A_T$.
     - `offsets`: the `(T, D)` right-hand sides $b_t$.
-    - `chunk_size`: $L$; defaults to
-        `parallel_dynamics._scan.default_chunk_size` of $T$. Clipped to $[1, T]$.
+    - `chunk_size`: $L$, clipped to $[1, T]$. By default $L = 8$ on accelerators,
+        with each sweep fully unrolled into one loop body (every sequential step costs
+        a kernel launch there; on an H100 this was the fastest choice and 1.3 to 2
+        times faster than `jax.lax.associative_scan` for diagonal blocks), and
+        $L \\approx \\sqrt{T}$ on CPU (which balances the sweeps against the summary
+        scan; on a CPU the sequential scan is faster still).
     - `reverse`: solve $v_t = A_t v_{t+1} + b_t$, $v_{T+1} = 0$ instead.
 
     **Returns:**
