@@ -25,7 +25,8 @@ from .._blocks import (
     map_time,
     ZeroBlocks,
 )
-from .scan import AbstractScanSolver, AutoScan, SequentialScan
+from . import kalman as _kalman
+from .scan import AbstractScanSolver, AutoScan, ParallelScan, SequentialScan
 
 
 def _identity(blocks: AbstractBlocks) -> AbstractBlocks:
@@ -164,6 +165,32 @@ def _sequential_summary(local: AbstractScanSolver) -> bool:
     return isinstance(local, AutoScan) and _scan.on_cpu()
 
 
+def _scan_chunk(blocks, offsets, *, axis_name, num_devices, local, reverse, sequential):
+    """Inside `jax.shard_map`: solves this device's chunk of the recurrence, given the
+    chunks of the other devices along `axis_name` (summary, all-gather, carry-in)."""
+    index = lax.axis_index(axis_name)
+    size = offsets.shape[-1]
+    identity = isinstance(blocks, IdentityBlocks)
+    product, end = _summarise(blocks, offsets, reverse, sequential)
+    products, ends = lax.all_gather((product, end), axis_name)
+    # The state leaving every device's chunk; P is small, so a sequential scan
+    # over the gathered summaries is the cheapest way to combine them.
+    if identity:
+        products = IdentityBlocks(num_devices, size, offsets.dtype)
+    leaving = _scan.sequential_scan(products, ends, reverse=reverse)
+    zero = jnp.zeros((1, size), offsets.dtype)
+    if reverse:
+        entering = jnp.concatenate([leaving[1:], zero], axis=0)
+        position = -1
+    else:
+        entering = jnp.concatenate([zero, leaving[:-1]], axis=0)
+        position = 0
+    carry = entering[index]
+    edge = map_time(lambda x: x[position], blocks)
+    offsets = offsets.at[position].add(edge.apply(carry))
+    return _local_solve(local, blocks, offsets, reverse)
+
+
 def sharded_scan(
     blocks: AbstractBlocks,
     offsets: Inexact[Array, "T D"],
@@ -244,7 +271,6 @@ def sharded_scan(
     sequential = _sequential_summary(local)
 
     def body(blocks, offsets):
-        index = lax.axis_index(axis_name)
         if successor and not identity:
             # Step t needs A_{t+1}: the last step of every chunk takes the first block
             # of the next device's chunk (the last device gets zeros, which only ever
@@ -254,24 +280,15 @@ def sharded_scan(
             blocks = jax.tree.map(
                 lambda x, y: jnp.concatenate([x[1:], y], axis=0), blocks, first
             )
-        product, end = _summarise(blocks, offsets, reverse, sequential)
-        products, ends = lax.all_gather((product, end), axis_name)
-        # The state leaving every device's chunk; P is small, so a sequential scan
-        # over the gathered summaries is the cheapest way to combine them.
-        if identity:
-            products = IdentityBlocks(num_devices, size, offsets.dtype)
-        leaving = _scan.sequential_scan(products, ends, reverse=reverse)
-        zero = jnp.zeros((1, size), offsets.dtype)
-        if reverse:
-            entering = jnp.concatenate([leaving[1:], zero], axis=0)
-            position = -1
-        else:
-            entering = jnp.concatenate([zero, leaving[:-1]], axis=0)
-            position = 0
-        carry = entering[index]
-        edge = map_time(lambda x: x[position], blocks)
-        offsets = offsets.at[position].add(edge.apply(carry))
-        return _local_solve(local, blocks, offsets, reverse)
+        return _scan_chunk(
+            blocks,
+            offsets,
+            axis_name=axis_name,
+            num_devices=num_devices,
+            local=local,
+            reverse=reverse,
+            sequential=sequential,
+        )
 
     blocks, offsets = shard_time((blocks, offsets), mesh, axis_name)
     spec = PartitionSpec(axis_name)
@@ -325,24 +342,7 @@ class ShardedScan(AbstractScanSolver):
     local: AbstractScanSolver = AutoScan()
 
     def __check_init__(self):
-        if not isinstance(self.mesh, Mesh):
-            raise TypeError(
-                f"`mesh` must be a `jax.sharding.Mesh`, got {type(self.mesh).__name__}."
-            )
-        if self.axis_name not in self.mesh.axis_names:
-            raise ValueError(
-                f"`axis_name={self.axis_name!r}` is not an axis of the mesh, whose "
-                f"axes are {self.mesh.axis_names}."
-            )
-        axis_type = dict(zip(self.mesh.axis_names, self.mesh.axis_types))
-        if axis_type[self.axis_name] == AxisType.Explicit:
-            raise ValueError(
-                f"The mesh axis {self.axis_name!r} is `AxisType.Explicit` (the default "
-                "of `jax.make_mesh`), whose sharding-in-types rules the solvers do not "
-                "support yet. Build the mesh with `axis_types=(AxisType.Auto,)`, e.g. "
-                f"`jax.make_mesh((n,), ({self.axis_name!r},), "
-                "axis_types=(jax.sharding.AxisType.Auto,))`."
-            )
+        check_mesh(self.mesh, self.axis_name)
         if not isinstance(self.local, AbstractScanSolver) or isinstance(
             self.local, ShardedScan
         ):
@@ -392,3 +392,239 @@ ShardedScan.__init__.__doc__ = """**Arguments:**
     a sequential local scan the chunk summary is accumulated in one `lax.scan`,
     otherwise by a tree reduction of depth $O(\\log(T / P))$.
 """
+
+
+def check_mesh(mesh, axis_name: str) -> None:
+    """The argument checks shared by the sharded solvers (trace time)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"`mesh` must be a `jax.sharding.Mesh`, got {type(mesh).__name__}."
+        )
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"`axis_name={axis_name!r}` is not an axis of the mesh, whose "
+            f"axes are {mesh.axis_names}."
+        )
+    axis_type = dict(zip(mesh.axis_names, mesh.axis_types))
+    if axis_type[axis_name] == AxisType.Explicit:
+        raise ValueError(
+            f"The mesh axis {axis_name!r} is `AxisType.Explicit` (the default "
+            "of `jax.make_mesh`), whose sharding-in-types rules the solvers do not "
+            "support yet. Build the mesh with `axis_types=(AxisType.Auto,)`, e.g. "
+            f"`jax.make_mesh((n,), ({axis_name!r},), "
+            "axis_types=(jax.sharding.AxisType.Auto,))`."
+        )
+
+
+#
+# ELK's Kalman smoother, sharded along time
+#
+
+
+class _KalmanStructure(eqx.Module):
+    """The per-structure pieces of the sharded Kalman smoother: filtering elements,
+    their combination and identity, the filtering means and covariances, and the
+    smoothing elements as blocks of an affine (reverse) recurrence."""
+
+    kind: str = eqx.field(static=True)
+    size: int = eqx.field(static=True)
+    block: int = eqx.field(static=True, default=1)
+
+    def elements(self, trans, offsets, observations, damping):
+        if self.kind == "dense":
+            return jax.vmap(_kalman._dense_filter_element)(
+                trans, offsets, observations, damping
+            )
+        if self.kind == "diagonal":
+            return _kalman._diagonal_filter_element(
+                trans, offsets, observations, damping[:, None]
+            )
+        split = self._split
+        return jax.vmap(jax.vmap(_kalman._dense_filter_element))(
+            trans,
+            split(offsets),
+            split(observations),
+            jnp.broadcast_to(damping[:, None], trans.shape[:2]),
+        )
+
+    def combine(self, earlier, later):
+        if self.kind == "dense":
+            return _kalman._dense_filter_combine(earlier, later)
+        if self.kind == "diagonal":
+            return _kalman._diagonal_filter_combine(earlier[None], later[None])[0]
+        return jax.vmap(_kalman._dense_filter_combine)(earlier, later)
+
+    def identity(self, dtype):
+        if self.kind == "diagonal":
+            return jnp.zeros((5, self.size), dtype).at[0].set(1)
+        k = self.size if self.kind == "dense" else self.block
+        one = jnp.zeros((k, 3 * k + 2), dtype).at[:, :k].set(jnp.eye(k, dtype=dtype))
+        if self.kind == "dense":
+            return one
+        return jnp.broadcast_to(one, (self.size // k, k, 3 * k + 2))
+
+    def _split(self, x):
+        return x.reshape(x.shape[:1] + (self.size // self.block, self.block))
+
+    def smoothing(self, elements, trans_next, offsets_next):
+        """The smoothing elements $x_t = E_t x_{t+1} + g_t$ as (blocks, offsets)."""
+        if self.kind == "dense":
+            D = self.size
+            mean, cov = elements[:, :, 2 * D], elements[:, :, D : 2 * D]
+            gain, offset = jax.vmap(_kalman._dense_smoother_element)(
+                mean, cov, trans_next, offsets_next
+            )
+            return DenseBlocks(gain), offset
+        if self.kind == "diagonal":
+            mean, var = elements[:, 3], elements[:, 1]
+            gain, offset = _kalman._diagonal_smoother_element(
+                mean, var, trans_next, offsets_next
+            )
+            return DiagonalBlocks(gain), offset
+        k = self.block
+        mean, cov = elements[..., 2 * k], elements[..., k : 2 * k]
+        gain, offset = jax.vmap(jax.vmap(_kalman._dense_smoother_element))(
+            mean, cov, trans_next, self._split(offsets_next)
+        )
+        return BlockDiagonalBlocks(gain), offset.reshape(offset.shape[0], -1)
+
+    def means(self, elements):
+        if self.kind == "dense":
+            return elements[:, :, 2 * self.size]
+        if self.kind == "diagonal":
+            return elements[:, 3]
+        return elements[..., 2 * self.block].reshape(elements.shape[0], -1)
+
+
+def sharded_kalman_smooth(
+    blocks: AbstractBlocks,
+    offsets: Inexact[Array, "T D"],
+    observations: Inexact[Array, "T D"],
+    damping,
+    *,
+    mesh: Mesh,
+    axis_name: str = "time",
+    parallel: bool = True,
+    smooth: bool = True,
+    radix: int | None = None,
+) -> Inexact[Array, "T D"]:
+    """The Kalman smoother (or filter) mean of
+    [`parallel_dynamics.KalmanSmoother`][] with the time axis sharded over the devices
+    of `mesh.shape[axis_name]`, inside `jax.shard_map`.
+
+    Device $p$ holds a contiguous chunk of the time axis.
+
+    1. **Filter.** Each device builds the associative filtering elements of its steps
+       (Särkkä & García-Fernández 2021) and combines them with a local prefix scan.
+       The $P$ chunk totals (one element each: $D(3D + 2)$ numbers dense, $5D$
+       diagonal, $D(3k + 2)$ for $k \\times k$ blocks) are all-gathered; each device
+       combines those of the devices before it into its carry-in element and combines
+       it with each of its prefixes: the filtering means and covariances of its steps.
+    2. **Smoother.** The smoothing elements $x_t = E_t x_{t+1} + g_t$ need the next
+       step's transition and offset: the last step of each chunk receives them from the
+       right neighbour (one `jax.lax.ppermute` of one block and one vector). They form
+       a reverse affine recurrence, solved like [`parallel_dynamics.sharded_scan`][]:
+       the $P$ chunk summaries ($D^2 + D$ numbers dense, $2D$ diagonal, $Dk + D$
+       block-diagonal) are all-gathered and each device applies its carry-in.
+
+    The trajectory, the blocks and the observations never leave their devices. When
+    $T$ is not divisible by $P$ the time axis is padded at its end with zero blocks,
+    offsets and observations: a step with a zero transition is independent of the
+    past, so it changes neither the filter of the steps before it nor (its smoothing
+    gain being zero) their smoothed means.
+    """
+    check_mesh(mesh, axis_name)
+    length, size = offsets.shape
+    dtype = offsets.dtype
+    damping = jnp.broadcast_to(jnp.asarray(damping, dtype), (length,))
+    if isinstance(blocks, DenseBlocks):
+        structure = _KalmanStructure("dense", size)
+        trans = blocks.matrices
+    elif isinstance(blocks, BlockDiagonalBlocks):
+        structure = _KalmanStructure("block", size, blocks.blocks.shape[-1])
+        trans = blocks.blocks
+    elif isinstance(blocks, DiagonalBlocks):
+        structure = _KalmanStructure("diagonal", size)
+        trans = blocks.diagonal
+    elif isinstance(blocks, IdentityBlocks):
+        structure = _KalmanStructure("diagonal", size)
+        trans = jnp.ones_like(offsets)
+    elif isinstance(blocks, ZeroBlocks):
+        structure = _KalmanStructure("diagonal", size)
+        trans = jnp.zeros_like(offsets)
+    else:
+        raise TypeError(
+            f"No Kalman smoother for blocks of type {type(blocks).__name__}."
+        )
+    trans = trans.astype(dtype)
+    num_devices = mesh.shape[axis_name]
+    pad = (-length) % num_devices
+
+    def _pad(x):
+        if pad == 0:
+            return x
+        return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+
+    trans, offsets, observations = map(_pad, (trans, offsets, observations))
+    damping = jnp.concatenate([damping, jnp.ones((pad,), dtype)]) if pad else damping
+    if parallel is True:
+        local = ParallelScan()
+    elif parallel is False:
+        local = SequentialScan()
+    else:
+        local = AutoScan()
+    sequential = _sequential_summary(local)
+    combine = structure.combine
+    identity = structure.identity(dtype)
+
+    def body(trans, offsets, observations, damping):
+        index = lax.axis_index(axis_name)
+        # The first step of the whole trajectory absorbs the known x_0 = 0.
+        first = jnp.where(index == 0, jnp.zeros_like(trans[0]), trans[0])
+        elements = structure.elements(
+            trans.at[0].set(first), offsets, observations, damping
+        )
+        if parallel is False:
+
+            def step(carry, element):
+                carry = combine(carry, element)
+                return carry, carry
+
+            _, elements = lax.scan(step, identity, elements)
+        else:
+            elements = _kalman._parallel_scan(
+                jax.vmap(combine), elements, identity, radix
+            )
+        totals = lax.all_gather(elements[-1], axis_name)
+
+        def exclusive(carry, total):
+            return combine(carry, total), carry
+
+        _, entering = lax.scan(exclusive, identity, totals)
+        elements = jax.vmap(combine, in_axes=(None, 0))(entering[index], elements)
+        if not smooth:
+            return structure.means(elements)
+        # Step t's smoothing element needs A_{t+1} and b_{t+1}; the last device gets
+        # zeros (a zero gain: x_T is its filtering mean).
+        shift = [(p, p - 1) for p in range(1, num_devices)]
+        trans_next, offsets_next = (
+            jnp.concatenate([x[1:], lax.ppermute(x[:1], axis_name, shift)])
+            for x in (trans, offsets)
+        )
+        gains, means = structure.smoothing(elements, trans_next, offsets_next)
+        return _scan_chunk(
+            gains,
+            means,
+            axis_name=axis_name,
+            num_devices=num_devices,
+            local=local,
+            reverse=True,
+            sequential=sequential,
+        )
+
+    inputs = shard_time((trans, offsets, observations, damping), mesh, axis_name)
+    spec = PartitionSpec(axis_name)
+    out = jax.shard_map(
+        body, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False
+    )(*inputs)
+    return out[:length] if pad else out

@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jax.sharding import Mesh
 from jaxtyping import Array, Inexact, PyTree, Scalar
 
 from .._blocks import (
@@ -24,6 +25,7 @@ from .kalman import (
     diagonal_smoother_parallel,
     diagonal_smoother_sequential,
 )
+from .sharded import check_mesh, sharded_kalman_smooth
 
 
 class DampedBidiagonalOperator(lx.AbstractLinearOperator):
@@ -114,6 +116,8 @@ def kalman_smooth(
     parallel: bool = True,
     smooth: bool = True,
     radix: int | None = None,
+    mesh: Mesh | None = None,
+    axis_name: str = "time",
 ) -> Inexact[Array, "T D"]:
     """The smoother mean of $x_t = A_t x_{t-1} + b_t + w_t$ ($x_0 = 0$, unit noise),
     observed as $o_t = x_t + v_t$ with precision $\\lambda$ (a scalar, or one value per
@@ -121,7 +125,20 @@ def kalman_smooth(
     dense blocks use the $D$-dimensional smoother (ELK), diagonal (identity, zero)
     blocks $D$ independent scalar smoothers (quasi-ELK), and block-diagonal blocks
     independent $k$-dimensional smoothers. With `smooth=False`, the filtering means
-    $\\mathbb{E}[x_t \\mid o_{1:t}]$ instead."""
+    $\\mathbb{E}[x_t \\mid o_{1:t}]$ instead. With a `mesh`, the time axis is sharded
+    over its axis `axis_name` ([`parallel_dynamics.KalmanSmoother`][])."""
+    if mesh is not None:
+        return sharded_kalman_smooth(
+            blocks,
+            offsets,
+            observations,
+            damping,
+            mesh=mesh,
+            axis_name=axis_name,
+            parallel=parallel,
+            smooth=smooth,
+            radix=radix,
+        )
     x0 = jnp.zeros(offsets.shape[1:], offsets.dtype)
     per_component = damping[:, None] if jnp.ndim(damping) == 1 else damping
     if isinstance(blocks, DenseBlocks):
@@ -160,7 +177,13 @@ def kalman_smooth(
 class _AbstractKalmanSolver(lx.AbstractLinearSolver):
     parallel: eqx.AbstractVar[bool | None]
     radix: eqx.AbstractVar[int | None]
+    mesh: eqx.AbstractVar[Mesh | None]
+    axis_name: eqx.AbstractVar[str]
     smooth: eqx.AbstractClassVar[bool]
+
+    def __check_init__(self):
+        if self.mesh is not None:
+            check_mesh(self.mesh, self.axis_name)
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         del options
@@ -196,6 +219,8 @@ class _AbstractKalmanSolver(lx.AbstractLinearSolver):
             parallel=parallel,
             smooth=self.smooth,
             radix=self.radix,
+            mesh=self.mesh,
+            axis_name=self.axis_name,
         )
         return solution, lx.RESULTS.successful, {}
 
@@ -253,6 +278,8 @@ class KalmanSmoother(_AbstractKalmanSolver):
 
     parallel: bool | None = None
     radix: int | None = None
+    mesh: Mesh | None = eqx.field(static=True, default=None)
+    axis_name: str = eqx.field(static=True, default="time")
     smooth: ClassVar[bool] = True
 
 
@@ -274,6 +301,8 @@ class KalmanFilter(_AbstractKalmanSolver):
 
     parallel: bool | None = None
     radix: int | None = None
+    mesh: Mesh | None = eqx.field(static=True, default=None)
+    axis_name: str = eqx.field(static=True, default="time")
     smooth: ClassVar[bool] = False
 
 
@@ -285,6 +314,13 @@ _kalman_args = """**Arguments:**
 - `radix`: for the parallel passes, `None` (default) for `lax.associative_scan`
     (smallest depth), or an integer $r \\geq 2$ for a tree with $r$ children per node:
     the same work, $O(r \\log_r T)$ depth, and several times faster to compile.
+- `mesh`: `None` (default) for a single-device smoother, or a `jax.sharding.Mesh`
+    whose axis `axis_name` is `AxisType.Auto` to shard the time axis over its devices
+    (sequence parallelism, as [`parallel_dynamics.ShardedScan`][]): every device runs
+    the filter and the smoother on its own chunk and only per-device summaries (one
+    filtering element and one affine smoothing map per device) are all-gathered. See
+    the "Sequence parallelism" guide.
+- `axis_name`: the mesh axis that the time axis is sharded over (default `"time"`).
 """
 KalmanSmoother.__init__.__doc__ = _kalman_args
 KalmanFilter.__init__.__doc__ = _kalman_args
