@@ -54,7 +54,8 @@ SOLVES.update({f"{k}-jit": "jit" for k in ("quasideer", "quasideer-stoch", "deer
 # Gradient of sum(Y^2)/T with respect to the cell's parameters.
 GRADS = {
     "lax.scan": None,  # backpropagation through lax.scan
-    "lean": lambda: pdyn.ImplicitAdjoint(pdyn.IterativeScan()),  # O(T D)
+    "lean": lambda: pdyn.ImplicitAdjoint(pdyn.MatrixFreeScan()),  # O(T D), default
+    "iterative": lambda: pdyn.ImplicitAdjoint(pdyn.IterativeScan()),  # O(T D)
     "dense": lambda: pdyn.ImplicitAdjoint(pdyn.AutoScan()),  # O(T D^2)
 }
 
@@ -72,6 +73,7 @@ FULL_CASES = (
     ("solve", "deer", 100_000, 64),
     ("grad", "lax.scan", 100_000, 64),
     ("grad", "lean", 100_000, 64),
+    ("grad", "iterative", 100_000, 64),
     ("grad", "dense", 100_000, 64),
 )
 TIMEOUT_S = 900

@@ -33,6 +33,7 @@ from ._linear_solver import (
     kalman_smooth as kalman_smooth,
     KalmanFilter as KalmanFilter,
     KalmanSmoother as KalmanSmoother,
+    MatrixFreeScan as MatrixFreeScan,
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
     shard_time as shard_time,

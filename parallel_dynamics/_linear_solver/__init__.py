@@ -1,4 +1,5 @@
 from .iterative import IterativeScan as IterativeScan
+from .matrix_free import MatrixFreeScan as MatrixFreeScan
 from .scan import (
     AbstractScanSolver as AbstractScanSolver,
     AutoScan as AutoScan,
