@@ -12,12 +12,15 @@ from ._linear_solver.sharded import ShardedScan
 def default_adjoint_solver(solver: optx.AbstractRootFinder) -> lx.AbstractLinearSolver:
     """The adjoint's linear solver when none is given:
     [`parallel_dynamics.MatrixFreeScan`][] (exact, memory $O(T D)$) for every solver,
-    except that a solver whose scans are sharded over devices
-    ([`parallel_dynamics.ShardedScan`][]) gets the same sharded scan, so that gradients
-    stay sharded along time."""
+    except that a solver whose scans or Kalman smoother are sharded over devices (a
+    [`parallel_dynamics.ShardedScan`][], or a smoother with a `mesh`) gets a sharded
+    scan over the same mesh axis, so that gradients stay sharded along time."""
     linear_solver = getattr(solver, "linear_solver", None)
     if isinstance(linear_solver, ShardedScan):
         return linear_solver
+    mesh = getattr(linear_solver, "mesh", None)
+    if mesh is not None:  # a Kalman smoother sharded over `mesh`
+        return ShardedScan(mesh, linear_solver.axis_name)  # pyright: ignore
     return MatrixFreeScan()
 
 
