@@ -42,11 +42,6 @@ class AbstractDamping(eqx.Module):
         for a finite trial step, whether to accept it, the next damping and the next
         state."""
 
-    def stalled(self, damping: Scalar) -> Bool[Array, ""]:
-        """Whether the damping has grown so large that no progress is possible."""
-        del damping
-        return jnp.array(False)
-
 
 class FixedDamping(AbstractDamping):
     """A constant damping $\\lambda$ and every finite step accepted: the behaviour of
@@ -90,9 +85,6 @@ class AdaptiveDamping(AbstractDamping):
 
     def init(self, dtype):
         return jnp.array(self.initial, dtype), jnp.array(2.0, dtype)
-
-    def stalled(self, damping):
-        return damping >= self.max_damping
 
     def update(self, damping, memory, ratio):
         accept = ratio > self.accept_ratio
