@@ -320,3 +320,22 @@ def test_matrix_free_scan_as_a_lineax_solver():
         )
     with pytest.raises(ValueError, match="chunk_size"):
         pdyn.MatrixFreeScan(chunk_size=0)
+
+
+@pytest.mark.parametrize("linear_solver", [None, pdyn.AutoScan()])
+def test_second_derivative(linear_solver):
+    step, y0, inputs, weight, _ = ZOO["tanh_rnn"](jnp.float64, length=12, size=3)
+    adjoint = pdyn.ImplicitAdjoint(linear_solver)
+
+    def parallel(scale):
+        sol = pdyn.solve(
+            step, pdyn.QuasiDEER(), y0, inputs, scale * weight, adjoint=adjoint
+        )
+        return _loss(sol.value)
+
+    def sequential(scale):
+        return _loss(scan_reference(step, y0, inputs, scale * weight))
+
+    np.testing.assert_allclose(
+        jax.hessian(parallel)(1.0), jax.hessian(sequential)(1.0), rtol=1e-8
+    )
