@@ -407,12 +407,26 @@ _DIVERGENCE_MESSAGE = (
 
 
 def _raise_on_failure(sol: optx.Solution) -> optx.Solution:
+    """Raises (at run time) if `sol.result` is a failure.
+
+    The checks run on a scalar token computed from `sol.result` alone, and the
+    trajectory is tied to the token by an elementwise select that always picks the
+    trajectory (a scalar broadcast, which XLA cannot drop as the token comes out of
+    the host callback of `equinox.error_if`): nothing that uses `sol.value` can run
+    before the checks. Unlike `equinox.error_if` on the whole solution, whose host
+    callback on one device would take the trajectory as an operand, this keeps
+    `sol.value` in the layout it was computed in, e.g. sharded along time across
+    devices.
+    """
     result = sol.result
-    sol = eqx.error_if(sol, result == optx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
-    sol = eqx.error_if(
-        sol, result == optx.RESULTS.nonlinear_max_steps_reached, _MAX_STEPS_MESSAGE
+    token = jnp.zeros((), jnp.int32)
+    token = eqx.error_if(token, result == optx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
+    token = eqx.error_if(
+        token, result == optx.RESULTS.nonlinear_max_steps_reached, _MAX_STEPS_MESSAGE
     )
-    sol = eqx.error_if(
-        sol, result == optx.RESULTS.nonlinear_divergence, _DIVERGENCE_MESSAGE
+    token = eqx.error_if(
+        token, result == optx.RESULTS.nonlinear_divergence, _DIVERGENCE_MESSAGE
     )
-    return result.error_if(sol, result != optx.RESULTS.successful)
+    token = result.error_if(token, result != optx.RESULTS.successful)
+    value = jnp.where(token == 0, sol.value, jnp.nan)
+    return eqx.tree_at(lambda s: s.value, sol, value)
