@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
-from jaxtyping import ArrayLike, PyTree
+from jax.sharding import Mesh, PartitionSpec
+from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import ImplicitAdjoint
 from ._problem import Recurrence, recurrence_residual, StateLayout
@@ -335,7 +336,8 @@ def _solve(
     )
     sol = _check_exhausted(sol, solver, recurrence)
     if throw:
-        sol = _raise_on_failure(sol)
+        mesh = getattr(getattr(solver, "linear_solver", None), "mesh", None)
+        sol = _raise_on_failure(sol, mesh if isinstance(mesh, Mesh) else None)
     return eqx.tree_at(lambda s: s.value, sol, layout.unflatten_trajectory(sol.value))
 
 
@@ -406,7 +408,20 @@ _DIVERGENCE_MESSAGE = (
 )
 
 
-def _raise_on_failure(sol: optx.Solution) -> optx.Solution:
+def _failure_token(result: optx.RESULTS) -> Array:
+    """A scalar zero that raises (at run time) if `result` is a failure."""
+    token = jnp.zeros((), jnp.int32)
+    token = eqx.error_if(token, result == optx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
+    token = eqx.error_if(
+        token, result == optx.RESULTS.nonlinear_max_steps_reached, _MAX_STEPS_MESSAGE
+    )
+    token = eqx.error_if(
+        token, result == optx.RESULTS.nonlinear_divergence, _DIVERGENCE_MESSAGE
+    )
+    return result.error_if(token, result != optx.RESULTS.successful)
+
+
+def _raise_on_failure(sol: optx.Solution, mesh: Mesh | None = None) -> optx.Solution:
     """Raises (at run time) if `sol.result` is a failure.
 
     The checks run on a scalar token computed from `sol.result` alone, and the
@@ -417,16 +432,26 @@ def _raise_on_failure(sol: optx.Solution) -> optx.Solution:
     callback on one device would take the trajectory as an operand, this keeps
     `sol.value` in the layout it was computed in, e.g. sharded along time across
     devices.
+
+    With the `mesh` of a sharded solver the check runs on every device of the mesh
+    (inside `jax.shard_map`, where callbacks are per device), so no device waits for
+    a token broadcast from a device whose callback raised.
     """
     result = sol.result
-    token = jnp.zeros((), jnp.int32)
-    token = eqx.error_if(token, result == optx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
-    token = eqx.error_if(
-        token, result == optx.RESULTS.nonlinear_max_steps_reached, _MAX_STEPS_MESSAGE
-    )
-    token = eqx.error_if(
-        token, result == optx.RESULTS.nonlinear_divergence, _DIVERGENCE_MESSAGE
-    )
-    token = result.error_if(token, result != optx.RESULTS.successful)
+    if mesh is None or mesh.size == 1:
+        token = _failure_token(result)
+    else:
+        value = result._value  # pyright: ignore
+
+        def check(value):
+            return _failure_token(eqx.tree_at(lambda r: r._value, result, value))
+
+        token = jax.shard_map(
+            check,
+            mesh=mesh,
+            in_specs=PartitionSpec(),
+            out_specs=PartitionSpec(),
+            check_vma=False,
+        )(value)
     value = jnp.where(token == 0, sol.value, jnp.nan)
     return eqx.tree_at(lambda s: s.value, sol, value)

@@ -15,6 +15,7 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 from .._blocks import mask_time
 from .._jacobian import AbstractJacobian, DenseJacobian
 from .._linear_solver.scan import AutoScan
+from .._linear_solver.sharded import ShardedScan
 from .._linear_solver.smoother import DampedBidiagonalOperator, KalmanSmoother
 from .._operator import BlockBidiagonalOperator
 from .base import (
@@ -115,6 +116,16 @@ class _LevenbergMarquardtState(eqx.Module):
 # tolerance, after which the rounding floor is taken to be reached. With adaptive
 # damping that many rejections multiply the damping by 2^55.
 _FLOOR_STEPS = 10
+
+
+def _take(x: Array, index) -> Array:
+    """`x[index]` along the time axis as a masked sum: a reduction, which stays local
+    per device (plus an all-reduce of one row) when `x` is sharded along time, where
+    a dynamic index would make XLA gather the whole array."""
+    if not jnp.issubdtype(x.dtype, jnp.number):
+        return x[index]
+    mask = (jnp.arange(x.shape[0]) == index).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=0, dtype=x.dtype)
 
 
 def first_unconverged(defect: Array) -> Int[Array, ""]:
@@ -227,9 +238,9 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         exact = (times == start)[:, None]
         y = jnp.where(exact, values, y)
         following = jnp.minimum(start + 1, length - 1)
-        inputs = jtu.tree_map(lambda x: x[following], recurrence.inputs)
-        residual_following = y[following] - recurrence.step_at(
-            y[start % length], inputs
+        inputs = jtu.tree_map(lambda x: _take(x, following), recurrence.inputs)
+        residual_following = _take(y, following) - recurrence.step_at(
+            _take(y, start % length), inputs
         )
         residual = jnp.where(exact, 0, residual)
         residual = jnp.where(
@@ -247,8 +258,15 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         bidiagonal = BlockBidiagonalOperator(mask_time(blocks, active))
         vector = jnp.where(active[:, None], residual, 0)
 
+        mesh = getattr(self.linear_solver, "mesh", None)
+        if mesh is None:
+            scan = AutoScan()
+        else:
+            # A smoother sharded along time: so is the undamped step's scan.
+            scan = ShardedScan(mesh, self.linear_solver.axis_name)
+
         def newton_step():
-            return lx.linear_solve(bidiagonal, vector, AutoScan(), throw=False).value
+            return lx.linear_solve(bidiagonal, vector, scan, throw=False).value
 
         def damped_step():
             operator = DampedBidiagonalOperator(bidiagonal, damping)
