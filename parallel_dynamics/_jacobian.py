@@ -23,7 +23,7 @@ from ._blocks import (
     IdentityBlocks,
     ZeroBlocks,
 )
-from ._problem import Recurrence
+from ._problem import MAX_STEP_ENTRIES as _MAX_STEP_ENTRIES, Recurrence
 
 
 # Work buffer for per-step Jacobians: at most this many Jacobian entries are computed
@@ -64,36 +64,21 @@ def _map_bounded(
     fn: Callable,
     entries_per_step: int,
     *arrays: Array,
-    budget: int = _MAX_JACOBIAN_ENTRIES,
+    budget: int | None = None,
 ):
     """`vmap`s `fn(*arrays_t, x_t)` over time, in sequential batches of time steps when
     one `vmap` would materialise more than `budget` entries (`entries_per_step`
-    estimates them for one step)."""
-    length = arrays[0].shape[0]
-    if length * entries_per_step <= budget:
-        return recurrence.map_steps(fn, *arrays)
-    batch_size = max(1, budget // entries_per_step)
-    if recurrence.inputs is None:
-        return jax.lax.map(lambda a: fn(*a, None), arrays, batch_size=batch_size)
-    return jax.lax.map(
-        lambda a: fn(*a[0], a[1]), (arrays, recurrence.inputs), batch_size=batch_size
+    estimates them for one step; the default budget is `_MAX_JACOBIAN_ENTRIES`); see
+    `parallel_dynamics._problem.map_in_batches`."""
+    if budget is None:
+        budget = _MAX_JACOBIAN_ENTRIES
+    return recurrence.map_steps(
+        fn, *arrays, entries_per_step=entries_per_step, budget=budget
     )
 
 
 def _step_width(recurrence: Recurrence) -> int:
-    """An estimate of the entries one step evaluation (or one JVP) materialises: the
-    intermediates of a step (gates, hidden layers) are typically a few times wider
-    than the state."""
-    return _STEP_WIDTH * recurrence.size
-
-
-# Intermediates of one step, in multiples of the state size D (a GRU has about 10).
-_STEP_WIDTH = 16
-# Work buffer of the value and Jacobian-vector-product passes (diagonal structures):
-# larger than the Jacobians', since batching costs a loop (a GRU at D = 64, T = 10^4
-# measured 1.2 passes unbatched and 1.8 in batches of 2^22 entries); at T = 10^6,
-# D = 64 it still keeps the step's (T, 3D) intermediates out of memory.
-_MAX_STEP_ENTRIES = 2**24
+    return recurrence.step_width()
 
 
 def _evaluate_bounded(recurrence: Recurrence, previous: Array) -> Array:

@@ -371,7 +371,7 @@ def _check_exhausted(
     def accurate():
         magnitude = jnp.abs(trajectory)
         bound = atol + rtol * magnitude + rounding * (1 + magnitude)
-        return jnp.all(jnp.abs(recurrence.residual(trajectory)) <= bound)
+        return jnp.all(jnp.abs(recurrence.residual(trajectory, bounded=True)) <= bound)
 
     inaccurate = exhausted & ~jax.lax.cond(exhausted, accurate, lambda: jnp.array(True))
     result = optx.RESULTS.where(
