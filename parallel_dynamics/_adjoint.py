@@ -64,10 +64,11 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
     solver's own [`parallel_dynamics.ShardedScan`][] when its scans are sharded. It is
     exact whichever solver found the trajectory, its memory is that of the quasi
     solves, and on CPU it also measured fastest: one `value_and_grad` of a float32
-    GRU ($D = 16$, $T = 10^4$) took 1.2 times as long as backpropagation through
-    `lax.scan` after QuasiDEER, against 2.7 times with the dense scan, with a
-    relative gradient error of $6 \times 10^{-6}$ for both (`python -m
-    benchmarks.run --only gradients`).
+    GRU after QuasiDEER took 0.9 to 2.9 times as long as backpropagation through
+    `lax.scan` ($D = 16$ to $64$, $T = 10^4$ to $10^5$), against 2.2 to 23 times with
+    the dense scan, whose buffers were up to 20 times larger, with the same gradient
+    error (about $6 \times 10^{-6}$ relative; `python -m benchmarks.run --only
+    gradients`, `docs/gradients.md`).
     """
 
     linear_solver: lx.AbstractLinearSolver | None = None
