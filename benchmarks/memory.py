@@ -59,7 +59,10 @@ GRADS = {
     "dense": lambda: pdyn.ImplicitAdjoint(pdyn.AutoScan()),  # O(T D^2)
 }
 
-QUICK_CASES = (("solve", "quasideer", 1_000_000, 64),)
+QUICK_CASES = (
+    ("solve", "quasideer", 1_000_000, 64),
+    ("solve", "quasideer-jit", 1_000_000, 64),
+)
 FULL_CASES = (
     ("solve", "inputs", 1_000_000, 64),
     ("solve", "lax.scan", 1_000_000, 64),
