@@ -500,6 +500,15 @@ def _grid_rows(results: dict) -> list[str]:
 
 def _section_notes(section: str) -> list[str]:
     notes = {
+        "grid": (
+            "Quick runs time only T = 10^4. On this shared 2-core machine the "
+            "ratios move by tens of percent between runs (compare the load "
+            "averages of the runs). For example, at D = 16 QuasiDEER's solve "
+            "compiles to the same program before and after commit 63a9a64 "
+            "(identical optimised HLO), yet it measured 4.2× in the quick run "
+            "`bench_cpu_quick` (before) and 6.0× in `bench_cpu_quick_memfix` "
+            "(after)."
+        ),
         "passes": (
             "A *pass* is one `vmap`ped evaluation of the step over all T plus one "
             "JVP (`jax.jvp` of the vmapped step). Target (issue 6): at most 3 passes "
