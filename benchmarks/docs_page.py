@@ -399,6 +399,24 @@ def page() -> str:
             out += _memory_history(runs)
             out.append("")
 
+    gradients = _load("bench_cpu_gradients.json")
+    if gradients:
+        out += [
+            "",
+            "## One gradient step (CPU)",
+            "",
+            "From `benchmarks/results/bench_cpu_gradients.json` (`python -m "
+            "benchmarks.run --only gradients`, full cases, and the gradient cases "
+            "of `benchmarks/memory.py`). Machine: "
+            f"{_machine(gradients['meta'])}. One jitted `value_and_grad` of "
+            "mean(Y²) with respect to the GRU cell, against backpropagation through "
+            "`lax.scan` in the same run; the default adjoint is "
+            "`pdyn.MatrixFreeScan` (see [Gradients](gradients.md)).",
+            "",
+            plots.markdown(gradients).split("\n", 1)[1].strip(),
+            "",
+        ]
+
     gpu = _load(GPU_GRID)
     gpu_scans = _load(GPU_SCANS)
     if gpu or gpu_scans:

@@ -10,7 +10,7 @@ The `inputs` case only builds the problem: the baseline (Python, JAX, XLA, the
 inputs) that the solves add to.
 
     python -m benchmarks.memory child solve quasideer 1000000 64
-    python -m benchmarks.memory child grad lean 100000 64
+    python -m benchmarks.memory child grad matrix-free 100000 64
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ SOLVES.update({f"{k}-jit": "jit" for k in ("quasideer", "quasideer-stoch", "deer
 # Gradient of sum(Y^2)/T with respect to the cell's parameters.
 GRADS = {
     "lax.scan": None,  # backpropagation through lax.scan
-    "lean": lambda: pdyn.ImplicitAdjoint(pdyn.MatrixFreeScan()),  # O(T D), default
+    "matrix-free": lambda: pdyn.ImplicitAdjoint(pdyn.MatrixFreeScan()),  # default
     "iterative": lambda: pdyn.ImplicitAdjoint(pdyn.IterativeScan()),  # O(T D)
     "dense": lambda: pdyn.ImplicitAdjoint(pdyn.AutoScan()),  # O(T D^2)
 }
@@ -75,7 +75,7 @@ FULL_CASES = (
     ("solve", "deer", 100_000, 32),
     ("solve", "deer", 100_000, 64),
     ("grad", "lax.scan", 100_000, 64),
-    ("grad", "lean", 100_000, 64),
+    ("grad", "matrix-free", 100_000, 64),
     ("grad", "iterative", 100_000, 64),
     ("grad", "dense", 100_000, 64),
 )
