@@ -24,6 +24,7 @@ from ._blocks import (
     ZeroBlocks,
 )
 from ._problem import MAX_STEP_ENTRIES as _MAX_STEP_ENTRIES, Recurrence
+from ._validation import check_count
 
 
 # Work buffer for per-step Jacobians: at most this many Jacobian entries are computed
@@ -186,8 +187,7 @@ class StochasticDiagonal(AbstractJacobian):
     key: PRNGKeyArray = eqx.field(default_factory=lambda: jr.key(0))
 
     def __check_init__(self):
-        if self.num_probes < 1:
-            raise ValueError(f"`num_probes` must be at least 1, got {self.num_probes}.")
+        check_count("num_probes", self.num_probes)
 
     def linearise(self, recurrence, previous, iteration):
         key = jr.fold_in(self.key, iteration)
@@ -246,8 +246,7 @@ class BlockDiagonalJacobian(AbstractJacobian):
     block_size: int
 
     def __check_init__(self):
-        if self.block_size < 1:
-            raise ValueError(f"`block_size` must be positive, got {self.block_size}.")
+        check_count("block_size", self.block_size)
 
     def linearise(self, recurrence, previous, iteration):
         del iteration

@@ -187,6 +187,8 @@ def test_bad_arguments_raise_naming_the_argument(case):
         (lambda: pdyn.QuasiDEER(diagonal="bogus"), "diagonal"),
         (lambda: pdyn.BlockQuasiDEER(0), "block_size"),
         (lambda: pdyn.ChunkedScan(chunk_size=-1), "chunk_size"),
+        (lambda: pdyn.MatrixFreeScan(chunk_size=0), "chunk_size"),
+        (lambda: pdyn.IterativeScan(max_steps=0), "max_steps"),
         (lambda: pdyn.FixedDamping(0.0), "damping"),
         (lambda: pdyn.AdaptiveDamping(initial=-1.0), "initial"),
         (lambda: pdyn.AdaptiveDamping(accept_ratio=1.0), "accept_ratio"),
@@ -195,6 +197,27 @@ def test_bad_arguments_raise_naming_the_argument(case):
 def test_bad_solver_options_raise_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: pdyn.BlockQuasiDEER(2.5), "block_size"),
+        (lambda: pdyn.BlockDiagonalJacobian(True), "block_size"),
+        (lambda: pdyn.StochasticDiagonal(num_probes=2.5), "num_probes"),
+        (lambda: pdyn.ChunkedScan(chunk_size=8.0), "chunk_size"),
+        (lambda: pdyn.MatrixFreeScan(chunk_size=True), "chunk_size"),
+        (lambda: pdyn.IterativeScan(max_steps=2.5), "max_steps"),
+    ],
+)
+def test_integer_options_reject_floats_and_bools(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_integer_options_accept_numpy_integers():
+    assert pdyn.BlockQuasiDEER(np.int64(2)).jacobian.block_size == 2
+    assert pdyn.MatrixFreeScan(np.int32(4)).chunk_size == 4
 
 
 def test_float32_state_promoted_to_float64_under_x64():

@@ -12,6 +12,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from .._blocks import AbstractBlocks, DiagonalBlocks, ZeroBlocks
 from .._operator import BlockBidiagonalOperator, successor_blocks
 from .._scan import parallel_scan
+from .._validation import check_count
 
 
 _PRECONDITIONERS = ("exact", "stochastic", "none")
@@ -87,10 +88,8 @@ class IterativeScan(lx.AbstractLinearSolver):
                 f"`preconditioner` must be one of {_PRECONDITIONERS}, got "
                 f"{self.preconditioner!r}."
             )
-        if self.num_probes < 1:
-            raise ValueError(f"`num_probes` must be at least 1, got {self.num_probes}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"`max_steps` must be at least 1, got {self.max_steps}.")
+        check_count("num_probes", self.num_probes)
+        check_count("max_steps", self.max_steps, optional=True)
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         del options

@@ -13,6 +13,7 @@ from .._blocks import DenseBlocks
 from .._operator import BlockBidiagonalOperator, successor_blocks
 from .._problem import Recurrence
 from .._scan import parallel_scan
+from .._validation import check_count
 from .scan import auto_scan
 
 
@@ -193,8 +194,7 @@ class MatrixFreeScan(lx.AbstractLinearSolver):
     chunk_size: int | None = None
 
     def __check_init__(self):
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be positive, got {self.chunk_size}.")
+        check_count("chunk_size", self.chunk_size, optional=True)
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         del options

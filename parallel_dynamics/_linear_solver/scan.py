@@ -10,6 +10,7 @@ from .. import _scan
 from .._blocks import AbstractBlocks, DenseBlocks
 from .._operator import BlockBidiagonalOperator, successor_blocks
 from .._scan import chunked_scan, parallel_scan, sequential_scan
+from .._validation import check_count
 
 
 _ScanState: TypeAlias = tuple[AbstractBlocks, bool]
@@ -136,8 +137,7 @@ class ChunkedScan(AbstractScanSolver):
     chunk_size: int | None = None
 
     def __check_init__(self):
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be positive, got {self.chunk_size}.")
+        check_count("chunk_size", self.chunk_size, optional=True)
 
     def _solve(self, blocks, offsets, reverse):
         return chunked_scan(
