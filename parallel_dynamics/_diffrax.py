@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
+from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from ._adjoint import ImplicitAdjoint
+from ._linear_solver import shard_time
 from ._solve import solve
 from ._solver import QuasiDEER
 
@@ -827,7 +829,7 @@ def _diffeqsolve(
         stats = {"num_parallel_iterations": jnp.array(0)}
         max_steps = 0
     else:
-        inputs = step.inputs(grid * direction)
+        inputs = _shard_inputs(step.inputs(grid * direction), parallel, num_steps)
         sol = solve(
             step,
             parallel,
@@ -916,7 +918,12 @@ def _diffeqsolve(
         if sub.steps:
             saved = np.arange(sub.steps, num_steps + 1, sub.steps)
             middle_times.append(grid[saved])
-            middle_values.append(jtu.tree_map(lambda y: y[saved - 1], trajectory))
+            if sub.steps == 1:
+                # Every state: the trajectory itself (no gather, so a trajectory
+                # sharded along time stays sharded).
+                middle_values.append(trajectory)
+            else:
+                middle_values.append(jtu.tree_map(lambda y: y[saved - 1], trajectory))
             middle_keys.append(jnp.asarray(2 * (saved - 1) + 1))
         if len(middle_times) == 2:
             order = jnp.argsort(jnp.concatenate(middle_keys), stable=True)
@@ -988,9 +995,88 @@ def _diffeqsolve(
         event_mask=None,
     )
     if throw:
-        sol = eqx.error_if(sol, result == dfx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
-        sol = eqx.error_if(
-            sol, result == dfx.RESULTS.max_steps_reached, _MAX_STEPS_MESSAGE
-        )
-        sol = result.error_if(sol, jnp.invert(dfx.is_okay(result)))
+        sol = _raise_on_failure(sol, _mesh_of(parallel)[0])
     return sol
+
+
+def _mesh_of(parallel) -> tuple[Mesh | None, str | None]:
+    """The `(mesh, axis_name)` of a parallel solver whose linear solver is sharded
+    along time (`pdyn.ShardedScan`, `pdyn.KalmanSmoother(mesh=...)`), else
+    `(None, None)`."""
+    linear_solver = getattr(parallel, "linear_solver", None)
+    mesh = getattr(linear_solver, "mesh", None)
+    axis_name = getattr(linear_solver, "axis_name", None)
+    if isinstance(mesh, Mesh) and axis_name in mesh.axis_names:
+        return mesh, axis_name
+    return None, None
+
+
+def _shard_inputs(inputs, parallel, num_steps: int):
+    """Constrains the inputs of the steps to be sharded along time over the mesh of
+    a sharded parallel solver, when the number of steps splits evenly over its
+    devices.
+
+    The inputs are computed from the time grid inside the (jitted) solve, so without
+    a constraint XLA lays them out, and with them the trajectory, replicated.
+    """
+    mesh, axis_name = _mesh_of(parallel)
+    if mesh is None or mesh.shape[axis_name] == 1:
+        return inputs
+    if num_steps % mesh.shape[axis_name]:
+        return inputs
+
+    def constrain(x):
+        if jnp.ndim(x) >= 1 and jnp.shape(x)[0] == num_steps:
+            return shard_time(x, mesh, axis_name)
+        return x
+
+    return jtu.tree_map(constrain, inputs)
+
+
+def _failure_token(result: dfx.RESULTS) -> Array:
+    """A scalar zero that raises (at run time) if `result` is a failure.
+
+    Floating point, so that with `EQX_ON_ERROR=nan` the token, and through it the
+    solution, becomes NaN as `equinox.error_if` on the solution would make it."""
+    token = jnp.zeros((), jnp.float32)
+    token = eqx.error_if(token, result == dfx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
+    token = eqx.error_if(
+        token, result == dfx.RESULTS.max_steps_reached, _MAX_STEPS_MESSAGE
+    )
+    return result.error_if(token, jnp.invert(dfx.is_okay(result)))
+
+
+def _raise_on_failure(sol: dfx.Solution, mesh: Mesh | None) -> dfx.Solution:
+    """Raises (at run time) if `sol.result` is a failure.
+
+    As `parallel_dynamics._solve._raise_on_failure`: the checks run on a scalar token
+    computed from `sol.result` alone, and every floating-point array of the solution
+    (`sol.result` is an integer code, left as it is) is tied to the token by an elementwise select that always picks the array, so
+    nothing that uses the solution can run before the checks, and a trajectory
+    sharded along time is not gathered onto one device for the host callback of
+    `equinox.error_if`. With a `mesh` the check runs on every device of the mesh
+    (inside `jax.shard_map`), so no device waits for a token from one that raised.
+    """
+    result = sol.result
+    if mesh is None or mesh.size == 1:
+        token = _failure_token(result)
+    else:
+
+        def check(value):
+            return _failure_token(eqx.tree_at(lambda r: r._value, result, value))
+
+        token = jax.shard_map(
+            check,
+            mesh=mesh,
+            in_specs=PartitionSpec(),
+            out_specs=PartitionSpec(),
+            check_vma=False,
+        )(result._value)  # pyright: ignore
+    ok = token == 0
+
+    def tie(x):
+        if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.where(ok, x, jnp.nan)
+        return x
+
+    return jtu.tree_map(tie, sol)

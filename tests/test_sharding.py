@@ -243,11 +243,15 @@ _SCRIPT = textwrap.dedent(
         ("deer", pdyn.DEER(linear_solver=scan, rtol=1e-12, atol=1e-12)),
         ("elk", pdyn.ELK(linear_solver=smoother, rtol=1e-12, atol=1e-12)),
     ):
-        saveats = [("steps", dfx.SaveAt(steps=True))]
+        # T = 32 steps, divisible by the 4 devices: the saved steps stay sharded.
+        saveats = [
+            ("steps", dfx.SaveAt(steps=True), False),
+            ("steps_throw", dfx.SaveAt(steps=True), True),
+        ]
         if name == "deer":
-            saveats.append(("ts", dfx.SaveAt(ts=jnp.linspace(0.1, 1.0, 8))))
-        for saveat_name, saveat in saveats:
-            kwargs = dict(saveat=saveat, throw=False)
+            saveats.append(("ts", dfx.SaveAt(ts=jnp.linspace(0.1, 1.0, 8)), False))
+        for saveat_name, saveat, throw in saveats:
+            kwargs = dict(saveat=saveat, throw=throw)
             ref = pdyn.diffeqsolve(
                 term, dfx.Heun(), 0.0, 1.0, 1 / 32, ode_y0, parallel=pdyn.DEER(
                     rtol=1e-12, atol=1e-12
@@ -261,6 +265,7 @@ _SCRIPT = textwrap.dedent(
             sol = run(jax.device_put(ode_y0, replicated))
             out[f"ode/{name}/{saveat_name}"] = err(sol.ys, ref.ys)
             out[f"ode_spec/{name}/{saveat_name}"] = spec(sol.ys)
+            out[f"ode_shards/{name}/{saveat_name}"] = shards(sol.ys)
 
     print("RESULT" + json.dumps(out))
     """
@@ -400,12 +405,18 @@ def test_sharded_elk_gradients_match_single_device(results, length, solver):
         assert results[f"elk_grad_spec/{length}/{solver}"][0] == "time"
 
 
-@pytest.mark.parametrize("case", ["deer/steps", "deer/ts", "elk/steps"])
+@pytest.mark.parametrize(
+    "case",
+    ["deer/steps", "deer/steps_throw", "deer/ts", "elk/steps", "elk/steps_throw"],
+)
 def test_diffeqsolve_with_sharded_solver_matches_single_device(results, case):
-    # The values match; the saved trajectory is not (yet) sharded along time: the
-    # inputs of a diffeqsolve are computed from the time grid inside the solve, and
-    # XLA lays them, and the trajectory, out replicated (see docs/sharding.md).
     assert results[f"ode/{case}"] < 1e-10
+    if "steps" in case:
+        # 32 steps over 4 devices: the inputs are constrained to be sharded along
+        # time, and the saved trajectory stays sharded (also with `throw=True`, whose
+        # checks run on a scalar token rather than gathering the trajectory).
+        assert results[f"ode_spec/{case}"][0] == "time"
+        assert results[f"ode_shards/{case}"] == [8, 8, 8, 8]
 
 
 def test_kalman_argument_errors():
