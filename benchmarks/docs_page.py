@@ -333,11 +333,18 @@ def page() -> str:
             f"Machine: {_machine(full['meta'])}.",
             "",
         ]
+        for merged in full["meta"].get("merged", []):
+            out += [
+                f"Rows for {merged['rows']} come from a separate run, "
+                f"`{merged['command']}` ({merged['date']}, load average "
+                f"{merged['load_average']}), merged into this grid.",
+                "",
+            ]
         if full["grid"].get("partial"):
             out += [
-                "The run is partial: it has no rows for D = 64 at T = 10^6 or for "
-                "D = 256 (it did not get to them); those cells are missing, not "
-                "failed.",
+                "The grid is partial: it has no rows for D = 64 at T = 10^6 or for "
+                "D = 256 at T = 10^5 and 10^6 (the runs did not get to them); those "
+                "cells are missing, not failed.",
                 "",
             ]
         out += [
