@@ -180,6 +180,26 @@ _SCRIPT = textwrap.dedent(
             if T == 16:
                 out[f"damped_spec/{key}"] = spec(got[key])
 
+    # Dense blocks with 256 steps per device: the batched LAPACK solves of the
+    # smoother's combines, run by the 4 shards at once, used to deadlock XLA:CPU's
+    # shared intra-op thread pool (the program hung after compiling). D = 8: with
+    # D = 4 the batches were too small to be split over the pool.
+    T, D8 = 1024, 8
+    long_dense = pdyn.DenseBlocks(jax.random.normal(keys[1], (T, D8, D8)) / D8)
+    long_r = jax.random.normal(keys[0], (T, D8))
+    long_obs = jax.random.normal(keys[2], (T, D8))
+    for parallel in (False, True):
+        for smooth in (True, False):
+            ref = pdyn.kalman_smooth(
+                long_dense, long_r, long_obs, 1.0, parallel=parallel, smooth=smooth
+            )
+            got = jax.jit(
+                lambda *a: pdyn.kalman_smooth(
+                    *a, 1.0, parallel=parallel, smooth=smooth, mesh=mesh
+                )
+            )(*map(place, (long_dense, long_r, long_obs)))
+            out[f"long_dense/{parallel}/{smooth}"] = err(got, ref)
+
     for T in (32, 30):
         xs = jax.random.normal(keys[3], (T, D))
         for name, cls in (("elk", pdyn.ELK), ("quasi_elk", pdyn.QuasiELK)):
@@ -376,6 +396,14 @@ def test_sharded_kalman_step_matches_single_device(results, length, case):
     assert results[f"damped/{length}/{case}"] < 1e-10
     if length == 16:
         assert results[f"damped_spec/{case}"][0] == "time"
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("smooth", [True, False])
+def test_long_dense_sharded_kalman_matches_single_device(results, parallel, smooth):
+    # T = 1024, 256 steps per device: this used to hang (a thread-pool deadlock of
+    # XLA:CPU's batched LAPACK kernels inside `shard_map`).
+    assert results[f"long_dense/{parallel}/{smooth}"] < 1e-10
 
 
 @pytest.mark.parametrize("length", [32, 30])

@@ -241,7 +241,37 @@ def _dense_filter_element(A, b, obs, lam):
     )
 
 
-def _dense_filter_combine(earlier, later):
+def _gauss_jordan_solve(a: Array, b: Array) -> Array:
+    """`jnp.linalg.solve(a, b)` for one small `(D, D)` system (`b` of shape `(D,)` or
+    `(D, K)`) by Gauss-Jordan elimination with partial pivoting, in plain XLA
+    operations: no LAPACK custom call.
+
+    The sharded Kalman smoother uses it under `jax.vmap`. XLA:CPU's batched LAPACK
+    kernels (`lapack_dgetrf_ffi`, ...) split a large batch into tasks on the intra-op
+    thread pool and block that pool thread until they finish; with several emulated
+    host devices running their shards concurrently on the same pool, every pool
+    thread can end up blocked this way and the program deadlocks.
+    """
+    D = a.shape[0]
+    vector = b.ndim == 1
+    ab = jnp.concatenate([a, b[:, None] if vector else b], axis=1)
+    rows = jnp.arange(D)
+
+    def step(k, ab):
+        column = jnp.abs(ab[:, k])
+        pivot = jnp.argmax(jnp.where(rows >= k, column, -1))
+        swap = (rows == k).astype(ab.dtype) - (rows == pivot).astype(ab.dtype)
+        ab = ab + swap[:, None] * (ab[pivot] - ab[k])[None, :]
+        row = ab[k] / ab[k, k]
+        ab = ab - jnp.where(rows == k, 0, ab[:, k])[:, None] * row[None, :]
+        return ab.at[k].set(row)
+
+    ab = lax.fori_loop(0, D, step, ab, unroll=D <= 16)
+    x = ab[:, D:]
+    return x[:, 0] if vector else x
+
+
+def _dense_filter_combine(earlier, later, solve=jnp.linalg.solve):
     D = earlier.shape[0]
     A_i, C_i, b_i, J_i, eta_i = _dense_unpack(earlier)
     A_j, C_j, b_j, J_j, eta_j = _dense_unpack(later)
@@ -251,7 +281,7 @@ def _dense_filter_combine(earlier, later):
     # M^{-T} = (I + J_j C_i)^{-1} are transposes, A_i^T M^{-T} = (M^{-1} A_i)^T.
     M = jnp.eye(D, dtype=earlier.dtype) + CJ[:, :D]
     # [M^{-1} A_i | M^{-1} C_i | M^{-1} (b_i + C_i eta_j)]
-    MA = jnp.linalg.solve(M, earlier[:, : 2 * D + 1].at[:, 2 * D].add(CJ[:, D]))
+    MA = solve(M, earlier[:, : 2 * D + 1].at[:, 2 * D].add(CJ[:, D]))
     # [A_j M^{-1} A_i | A_j M^{-1} C_i | A_j M^{-1} (b_i + C_i eta_j)]
     AMA = A_j @ MA
     C = _symmetrise(AMA[:, D : 2 * D] @ A_j.T) + C_j
@@ -267,12 +297,12 @@ def _dense_filter_combine(earlier, later):
     return _dense_pack(AMA[:, :D], C, b, J, eta)
 
 
-def _dense_smoother_element(m, P, A_next, b_next):
+def _dense_smoother_element(m, P, A_next, b_next, solve=jnp.linalg.solve):
     eye = jnp.eye(A_next.shape[-1], dtype=A_next.dtype)
     AP = A_next @ P
     S = _symmetrise(AP @ A_next.T) + eye
     # E = P A^T S^{-1}, so E^T = S^{-1} A P (S and P symmetric).
-    E = jnp.linalg.solve(S, AP).T
+    E = solve(S, AP).T
     g = m - E @ (A_next @ m + b_next)
     return E, g
 

@@ -7,6 +7,8 @@ chunk as one affine map, the $P$ summaries are all-gathered and combined, and ea
 device reruns its chunk from its carry-in. Only the summaries cross devices.
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.lax as lax
@@ -421,6 +423,17 @@ def check_mesh(mesh, axis_name: str) -> None:
 #
 
 
+# Inside `jax.shard_map` the dense solves avoid LAPACK: on XLA:CPU with emulated host
+# devices, batched LAPACK custom calls from concurrently running shards can deadlock
+# the shared intra-op thread pool (see `_kalman._gauss_jordan_solve`).
+_dense_combine = functools.partial(
+    _kalman._dense_filter_combine, solve=_kalman._gauss_jordan_solve
+)
+_dense_smoother_element = functools.partial(
+    _kalman._dense_smoother_element, solve=_kalman._gauss_jordan_solve
+)
+
+
 class _KalmanStructure(eqx.Module):
     """The per-structure pieces of the sharded Kalman smoother: filtering elements,
     their combination and identity, the filtering means and covariances, and the
@@ -449,10 +462,10 @@ class _KalmanStructure(eqx.Module):
 
     def combine(self, earlier, later):
         if self.kind == "dense":
-            return _kalman._dense_filter_combine(earlier, later)
+            return _dense_combine(earlier, later)
         if self.kind == "diagonal":
             return _kalman._diagonal_filter_combine(earlier[None], later[None])[0]
-        return jax.vmap(_kalman._dense_filter_combine)(earlier, later)
+        return jax.vmap(_dense_combine)(earlier, later)
 
     def identity(self, dtype):
         if self.kind == "diagonal":
@@ -471,7 +484,7 @@ class _KalmanStructure(eqx.Module):
         if self.kind == "dense":
             D = self.size
             mean, cov = elements[:, :, 2 * D], elements[:, :, D : 2 * D]
-            gain, offset = jax.vmap(_kalman._dense_smoother_element)(
+            gain, offset = jax.vmap(_dense_smoother_element)(
                 mean, cov, trans_next, offsets_next
             )
             return DenseBlocks(gain), offset
@@ -483,7 +496,7 @@ class _KalmanStructure(eqx.Module):
             return DiagonalBlocks(gain), offset
         k = self.block
         mean, cov = elements[..., 2 * k], elements[..., k : 2 * k]
-        gain, offset = jax.vmap(jax.vmap(_kalman._dense_smoother_element))(
+        gain, offset = jax.vmap(jax.vmap(_dense_smoother_element))(
             mean, cov, trans_next, self._split(offsets_next)
         )
         return BlockDiagonalBlocks(gain), offset.reshape(offset.shape[0], -1)
