@@ -6,7 +6,7 @@ import optimistix as optx
 from optimistix.internal import implicit_jvp
 
 from ._linear_solver.matrix_free import MatrixFreeScan
-from ._linear_solver.sharded import ShardedScan
+from ._linear_solver.sharded import ShardedScan, time_mesh
 
 
 def default_adjoint_solver(solver: optx.AbstractRootFinder) -> lx.AbstractLinearSolver:
@@ -18,9 +18,9 @@ def default_adjoint_solver(solver: optx.AbstractRootFinder) -> lx.AbstractLinear
     linear_solver = getattr(solver, "linear_solver", None)
     if isinstance(linear_solver, ShardedScan):
         return linear_solver
-    mesh = getattr(linear_solver, "mesh", None)
+    mesh, axis_name = time_mesh(solver)
     if mesh is not None:  # a Kalman smoother sharded over `mesh`
-        return ShardedScan(mesh, linear_solver.axis_name)  # pyright: ignore
+        return ShardedScan(mesh, axis_name)  # pyright: ignore
     return MatrixFreeScan()
 
 

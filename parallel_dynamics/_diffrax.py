@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from ._adjoint import ImplicitAdjoint
 from ._linear_solver import shard_time
-from ._solve import solve
+from ._linear_solver.sharded import time_mesh
+from ._solve import checked_token, solve
 from ._solver import QuasiDEER
 
 
@@ -995,20 +996,8 @@ def _diffeqsolve(
         event_mask=None,
     )
     if throw:
-        sol = _raise_on_failure(sol, _mesh_of(parallel)[0])
+        sol = _raise_on_failure(sol, time_mesh(parallel)[0])
     return sol
-
-
-def _mesh_of(parallel) -> tuple[Mesh | None, str | None]:
-    """The `(mesh, axis_name)` of a parallel solver whose linear solver is sharded
-    along time (`pdyn.ShardedScan`, `pdyn.KalmanSmoother(mesh=...)`), else
-    `(None, None)`."""
-    linear_solver = getattr(parallel, "linear_solver", None)
-    mesh = getattr(linear_solver, "mesh", None)
-    axis_name = getattr(linear_solver, "axis_name", None)
-    if isinstance(mesh, Mesh) and axis_name in mesh.axis_names:
-        return mesh, axis_name
-    return None, None
 
 
 def _shard_inputs(inputs, parallel, num_steps: int):
@@ -1019,7 +1008,7 @@ def _shard_inputs(inputs, parallel, num_steps: int):
     The inputs are computed from the time grid inside the (jitted) solve, so without
     a constraint XLA lays them out, and with them the trajectory, replicated.
     """
-    mesh, axis_name = _mesh_of(parallel)
+    mesh, axis_name = time_mesh(parallel)
     if mesh is None or mesh.shape[axis_name] == 1:
         return inputs
     if num_steps % mesh.shape[axis_name]:
@@ -1057,21 +1046,7 @@ def _raise_on_failure(sol: dfx.Solution, mesh: Mesh | None) -> dfx.Solution:
     `equinox.error_if`. With a `mesh` the check runs on every device of the mesh
     (inside `jax.shard_map`), so no device waits for a token from one that raised.
     """
-    result = sol.result
-    if mesh is None or mesh.size == 1:
-        token = _failure_token(result)
-    else:
-
-        def check(value):
-            return _failure_token(eqx.tree_at(lambda r: r._value, result, value))
-
-        token = jax.shard_map(
-            check,
-            mesh=mesh,
-            in_specs=PartitionSpec(),
-            out_specs=PartitionSpec(),
-            check_vma=False,
-        )(result._value)  # pyright: ignore
+    token = checked_token(sol.result, _failure_token, mesh)
     ok = token == 0
 
     def tie(x):

@@ -151,6 +151,36 @@ _ACCELERATOR_CHUNK_SIZE = 8
 _UNROLL = 8
 
 
+def to_chunks(x: Array, chunk_size: int, *, edge: bool = False) -> Array:
+    """`x`, with a leading time axis of length $T$, as `(chunk_size, num_chunks, ...)`:
+    chunk $c$ holds steps $cL, \\dots, cL + L - 1$. The end is padded to a whole number
+    of chunks with zeros, or with copies of the last step if `edge`."""
+    pad = -x.shape[0] % chunk_size
+    if pad:
+        if edge:
+            fill = jnp.repeat(x[-1:], pad, axis=0)
+        else:
+            fill = jnp.zeros((pad,) + x.shape[1:], x.dtype)
+        x = jnp.concatenate([x, fill], axis=0)
+    x = x.reshape((-1, chunk_size) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+
+def from_chunks(x: Array, length: int) -> Array:
+    """The inverse of `to_chunks`: the first `length` steps, time axis first."""
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape((-1,) + x.shape[2:])[:length]
+
+
+def entering_chunks(leaving: Array, reverse: bool) -> Array:
+    """The state entering every chunk from the states `leaving` them: the one leaving
+    its predecessor (its successor, if `reverse`); zero for the first chunk."""
+    zero = jnp.zeros_like(leaving[:1])
+    if reverse:
+        return jnp.concatenate([leaving[1:], zero], axis=0)
+    return jnp.concatenate([zero, leaving[:-1]], axis=0)
+
+
 def chunked_scan(
     blocks: AbstractBlocks,
     offsets: Inexact[Array, "T D"],
@@ -214,20 +244,16 @@ def chunked_scan(
         chunk_size = default_chunk_size(length, blocks)
     chunk_size = max(1, min(int(chunk_size), length))
     num_chunks = -(-length // chunk_size)
-    pad = num_chunks * chunk_size - length
     unroll = 1 if on_cpu() else max(1, min(_UNROLL, chunk_size))
 
-    def to_chunks(x):
-        # Zero blocks and offsets appended at the end: the padded steps come after
-        # step T in a forward scan (their outputs are dropped) and before it in a
-        # reverse scan (where they leave the state entering step T at zero).
-        if pad:
-            x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
-        x = x.reshape((num_chunks, chunk_size) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)  # (chunk_size, num_chunks, ...)
+    # Zero blocks and offsets appended at the end: the padded steps come after step T
+    # in a forward scan (their outputs are dropped) and before it in a reverse scan
+    # (where they leave the state entering step T at zero).
+    def chunks(x):
+        return to_chunks(x, chunk_size)
 
-    chunk_blocks = map_time(to_chunks, blocks)
-    chunk_offsets = to_chunks(offsets)
+    chunk_blocks = map_time(chunks, blocks)
+    chunk_offsets = chunks(offsets)
 
     # 1. Chunk summaries: the end state from zero and the composed blocks, carried
     # through the sweep and never stored per step.
@@ -250,11 +276,7 @@ def chunked_scan(
     # 2. The state leaving every chunk, by a parallel scan over the summaries; the
     # state entering a chunk is the one leaving its predecessor.
     _, chunk_ends = lax.associative_scan(_combine, (products, ends), reverse=reverse)
-    zero = jnp.zeros((1, size), offsets.dtype)
-    if reverse:
-        carry_in = jnp.concatenate([chunk_ends[1:], zero], axis=0)
-    else:
-        carry_in = jnp.concatenate([zero, chunk_ends[:-1]], axis=0)
+    carry_in = entering_chunks(chunk_ends, reverse)
 
     # 3. Rerun every chunk from its carry-in, applying blocks to vectors only.
     def sweep(state, block_and_offset):
@@ -265,4 +287,4 @@ def chunked_scan(
     _, out = lax.scan(
         sweep, carry_in, (chunk_blocks, chunk_offsets), reverse=reverse, unroll=unroll
     )
-    return jnp.swapaxes(out, 0, 1).reshape((num_chunks * chunk_size, size))[:length]
+    return from_chunks(out, length)

@@ -10,6 +10,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import ImplicitAdjoint
+from ._linear_solver.sharded import time_mesh
 from ._problem import Recurrence, recurrence_residual, StateLayout
 from ._solver import AbstractNewton, AbstractRecurrenceSolver
 
@@ -336,8 +337,7 @@ def _solve(
     )
     sol = _check_exhausted(sol, solver, recurrence)
     if throw:
-        mesh = getattr(getattr(solver, "linear_solver", None), "mesh", None)
-        sol = _raise_on_failure(sol, mesh if isinstance(mesh, Mesh) else None)
+        sol = _raise_on_failure(sol, time_mesh(solver)[0])
     return eqx.tree_at(lambda s: s.value, sol, layout.unflatten_trajectory(sol.value))
 
 
@@ -421,6 +421,26 @@ def _failure_token(result: optx.RESULTS) -> Array:
     return result.error_if(token, result != optx.RESULTS.successful)
 
 
+def checked_token(result, failure_token: Callable, mesh: Mesh | None) -> Array:
+    """`failure_token(result)`: a scalar zero that raises (at run time) if `result`
+    is a failure. With a `mesh` it is computed on every device of the mesh (inside
+    `jax.shard_map`, where callbacks are per device), so no device waits for a token
+    broadcast from a device whose callback raised."""
+    if mesh is None or mesh.size == 1:
+        return failure_token(result)
+
+    def check(value):
+        return failure_token(eqx.tree_at(lambda r: r._value, result, value))
+
+    return jax.shard_map(
+        check,
+        mesh=mesh,
+        in_specs=PartitionSpec(),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )(result._value)  # pyright: ignore
+
+
 def _raise_on_failure(sol: optx.Solution, mesh: Mesh | None = None) -> optx.Solution:
     """Raises (at run time) if `sol.result` is a failure.
 
@@ -437,21 +457,6 @@ def _raise_on_failure(sol: optx.Solution, mesh: Mesh | None = None) -> optx.Solu
     (inside `jax.shard_map`, where callbacks are per device), so no device waits for
     a token broadcast from a device whose callback raised.
     """
-    result = sol.result
-    if mesh is None or mesh.size == 1:
-        token = _failure_token(result)
-    else:
-        value = result._value  # pyright: ignore
-
-        def check(value):
-            return _failure_token(eqx.tree_at(lambda r: r._value, result, value))
-
-        token = jax.shard_map(
-            check,
-            mesh=mesh,
-            in_specs=PartitionSpec(),
-            out_specs=PartitionSpec(),
-            check_vma=False,
-        )(value)
+    token = checked_token(sol.result, _failure_token, mesh)
     value = jnp.where(token == 0, sol.value, jnp.nan)
     return eqx.tree_at(lambda s: s.value, sol, value)

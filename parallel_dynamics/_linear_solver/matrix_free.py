@@ -12,7 +12,7 @@ from .. import _scan
 from .._blocks import DenseBlocks
 from .._operator import BlockBidiagonalOperator, successor_blocks
 from .._problem import Recurrence
-from .._scan import parallel_scan
+from .._scan import entering_chunks, from_chunks, parallel_scan, to_chunks
 from .._validation import check_count
 from .scan import auto_scan
 
@@ -95,21 +95,12 @@ def _matrix_free_solve(
     length, size = offsets.shape
     chunk_size = max(1, min(int(chunk_size), length))
     num_chunks = -(-length // chunk_size)
-    pad = num_chunks * chunk_size - length
-
-    def to_chunks(x):
-        if pad:
-            x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
-        x = x.reshape((num_chunks, chunk_size) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)  # (chunk_size, num_chunks, ...)
-
     # Padding sits after the end of time: uncoupled with zero offsets, it stays zero in
-    # the reverse direction and is discarded in the forward one.
-    points, xs = to_chunks(points), jtu.tree_map(to_chunks, xs)
-    coupled, offsets = to_chunks(coupled), to_chunks(offsets)
-    if pad:
-        coupled = coupled.at[chunk_size - pad :, -1].set(False)
-        offsets = offsets.at[chunk_size - pad :, -1].set(0)
+    # the reverse direction and is discarded in the forward one. Its points and inputs
+    # are copies of the last step's, valid places to evaluate the step at.
+    points = to_chunks(points, chunk_size, edge=True)
+    xs = jtu.tree_map(lambda x: to_chunks(x, chunk_size, edge=True), xs)
+    coupled, offsets = to_chunks(coupled, chunk_size), to_chunks(offsets, chunk_size)
     apply_chunks = jax.vmap(apply)
 
     def couple(rows, point, x, is_coupled):
@@ -135,11 +126,7 @@ def _matrix_free_solve(
         matrices = jnp.swapaxes(rows[:, :size], 1, 2)
         # 2. The state leaving every chunk, by a parallel scan over the summaries.
         ends = parallel_scan(DenseBlocks(matrices), rows[:, size], reverse=reverse)
-        zero = jnp.zeros_like(ends[:1])
-        if reverse:
-            carry_in = jnp.concatenate([ends[1:], zero], axis=0)
-        else:
-            carry_in = jnp.concatenate([zero, ends[:-1]], axis=0)
+        carry_in = entering_chunks(ends, reverse)
 
     # 3. Rerun every chunk from the state entering it, mapping one vector per step.
     def sweep(state, step):
@@ -148,7 +135,7 @@ def _matrix_free_solve(
         return state, state
 
     _, out = lax.scan(sweep, carry_in, (points, xs, coupled, offsets), reverse=reverse)
-    return jnp.swapaxes(out, 0, 1).reshape((num_chunks * chunk_size, size))[:length]
+    return from_chunks(out, length)
 
 
 def _successor_inputs(inputs: PyTree) -> PyTree:

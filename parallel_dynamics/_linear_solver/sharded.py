@@ -396,6 +396,18 @@ ShardedScan.__init__.__doc__ = """**Arguments:**
 """
 
 
+def time_mesh(solver) -> tuple[Mesh | None, str | None]:
+    """The `(mesh, axis_name)` over which the linear solver of `solver` (a
+    [`parallel_dynamics.ShardedScan`][], or a Kalman smoother or filter with a `mesh`)
+    shards the time axis; `(None, None)` if it does not."""
+    linear_solver = getattr(solver, "linear_solver", None)
+    mesh = getattr(linear_solver, "mesh", None)
+    axis_name = getattr(linear_solver, "axis_name", None)
+    if isinstance(mesh, Mesh) and axis_name in mesh.axis_names:
+        return mesh, axis_name
+    return None, None
+
+
 def check_mesh(mesh, axis_name: str) -> None:
     """The argument checks shared by the sharded solvers (trace time)."""
     if not isinstance(mesh, Mesh):

@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 from .._blocks import mask_time
 from .._jacobian import AbstractJacobian, DenseJacobian
 from .._linear_solver.scan import AutoScan
-from .._linear_solver.sharded import ShardedScan
+from .._linear_solver.sharded import ShardedScan, time_mesh
 from .._linear_solver.smoother import DampedBidiagonalOperator, KalmanSmoother
 from .._operator import BlockBidiagonalOperator
 from .base import (
@@ -258,12 +258,12 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         bidiagonal = BlockBidiagonalOperator(mask_time(blocks, active))
         vector = jnp.where(active[:, None], residual, 0)
 
-        mesh = getattr(self.linear_solver, "mesh", None)
+        mesh, axis_name = time_mesh(self)
         if mesh is None:
             scan = AutoScan()
         else:
             # A smoother sharded along time: so is the undamped step's scan.
-            scan = ShardedScan(mesh, self.linear_solver.axis_name)
+            scan = ShardedScan(mesh, axis_name)  # pyright: ignore
 
         def newton_step():
             return lx.linear_solve(bidiagonal, vector, scan, throw=False).value
