@@ -330,6 +330,22 @@ def markdown(results: dict) -> str:
                 f"{_f(p.get('passes_per_iteration_in_solve'), '.2f')} | "
                 f"{_f(p.get('solve_x_scan'), '.2f')} |"
             )
+        errors = d.get("errors_by_iteration")
+        if errors:
+            count = len(next(iter(errors.values())))
+            out += [
+                "",
+                "Max error against `lax.scan` after k iterations (`max_steps = k`):",
+                "",
+                "| solver | "
+                + " | ".join(f"k={k}" for k in range(1, count + 1))
+                + " |",
+                "|---|" + "---|" * count,
+            ]
+            for name, values in errors.items():
+                out.append(
+                    f"| {name} | " + " | ".join(f"{e:.1e}" for e in values) + " |"
+                )
         c = d["components"]
         out += [
             "",
