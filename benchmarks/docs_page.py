@@ -293,8 +293,9 @@ def _sharding(results: dict) -> list[str]:
     ]
     for r in results["rows"]:
         out.append(
-            f"| {r['structure']} | {r['devices']} | {r['num_steps']} | "
-            f"{r['error']:.1e} | {r['time_s']:.3f} | {r['allgather_bytes_analytic']} / "
+            f"| {r['structure']} | {r['devices']} | {plots._f(r.get('num_steps'))} | "
+            f"{r['error']:.1e} | {plots._f(r.get('time_s'), '.3f')} | "
+            f"{r['allgather_bytes_analytic']} / "
             f"{r['allgather_bytes_hlo']} | {r['trajectory_bytes_per_device']} |"
         )
     return out
@@ -424,6 +425,7 @@ def page() -> str:
             "",
         ]
 
+    out += _accelerator_runs()
     gpu = _load(GPU_GRID)
     gpu_scans = _load(GPU_SCANS)
     if gpu or gpu_scans:
@@ -510,6 +512,72 @@ def page() -> str:
         out += _sharding(sharding)
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+# The accelerator target of issue 6: at least this speed-up over `lax.scan` for a GRU
+# with D = 16 at T = 10^6.
+ACCELERATOR_TARGET = (16, 1_000_000, 100.0)
+
+
+def _accelerator_runs() -> list[str]:
+    """Every grid run of `benchmarks.run` on an accelerator
+    (`bench_<backend>-<device>[_<tag>].json`, the partial run of an earlier session
+    excepted), each as the same per-D tables as the CPU grid, with the accelerator
+    target."""
+    paths = [
+        path
+        for path in sorted(RESULTS_DIR.glob("bench_*.json"))
+        if not path.name.startswith("bench_cpu") and path.name != GPU_GRID
+    ]
+    runs = [(path.stem, json.loads(path.read_text())) for path in paths]
+    runs = [(stem, r) for stem, r in runs if r.get("grid", {}).get("rows")]
+    out = [
+        "",
+        "## GRU grid on an accelerator",
+        "",
+    ]
+    if not runs:
+        return out + [
+            "No full accelerator run yet (see the partial H100 section below). "
+            "To make one, on a machine with a GPU and this repository: "
+            "`python -m benchmarks.run --only grid --dims 16 --tag d16`, then "
+            "`--dims 4 64 --tag d4-64` and `--dims 256 --tag d256` (each writes "
+            "`benchmarks/results/bench_<device>_<tag>.json` after every row, so an "
+            "interrupted run keeps what it measured), then "
+            "`python -m benchmarks.docs_page`. On accelerators the suite sets "
+            "`jax_default_matmul_precision` to `highest` (TF32 products miss the "
+            "1e-4 error target) and times each function on its own (their "
+            "timings are steady).",
+            "",
+        ]
+    size, length, speedup = ACCELERATOR_TARGET
+    for stem, results in runs:
+        out += [
+            f"From `benchmarks/results/{stem}.json`. Machine: "
+            f"{_machine(results['meta'])}.",
+        ]
+        if results["grid"].get("partial"):
+            out += ["", "The run is partial: it stopped before the end of its grid."]
+        speedups = {
+            r["solver"]: 1 / r["ratio"]
+            for r in results["grid"]["rows"]
+            if (r["D"], r["T"]) == (size, length)
+            and "ratio" in r
+            and r["solver"] not in ("lax.scan", "Sequential")
+        }
+        if speedups:
+            met = [name for name, value in speedups.items() if value >= speedup]
+            listed = ", ".join(
+                f"{name} {value:.3g}×" for name, value in speedups.items()
+            )
+            out += [
+                "",
+                f"Target: at least {speedup:.0f}× faster than `lax.scan` at "
+                f"D = {size}, T = {length:.0e}. Speed-ups there: {listed}; "
+                + (f"**met** by {', '.join(met)}." if met else "**not met**."),
+            ]
+        out += [plots.grid_summary(results), ""]
+    return out
 
 
 def _indent(lines: list[str]) -> list[str]:
