@@ -1,4 +1,5 @@
 import abc
+import functools as ft
 from collections.abc import Callable
 
 import equinox as eqx
@@ -118,11 +119,11 @@ class _LevenbergMarquardtState(eqx.Module):
 _FLOOR_STEPS = 10
 
 
-def _take(x: Array, index) -> Array:
-    """`x[index]` along the time axis as a masked sum: a reduction, which stays local
-    per device (plus an all-reduce of one row) when `x` is sharded along time, where
-    a dynamic index would make XLA gather the whole array."""
-    if not jnp.issubdtype(x.dtype, jnp.number):
+def _take(x: Array, index, *, sharded: bool) -> Array:
+    """`x[index]` along the time axis. When `x` is sharded along time, as a masked
+    sum: a reduction, which stays local per device (plus an all-reduce of one row),
+    where a dynamic index would make XLA gather the whole array."""
+    if not sharded or not jnp.issubdtype(x.dtype, jnp.number):
         return x[index]
     mask = (jnp.arange(x.shape[0]) == index).reshape((-1,) + (1,) * (x.ndim - 1))
     return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=0, dtype=x.dtype)
@@ -238,9 +239,11 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         exact = (times == start)[:, None]
         y = jnp.where(exact, values, y)
         following = jnp.minimum(start + 1, length - 1)
-        inputs = jtu.tree_map(lambda x: _take(x, following), recurrence.inputs)
-        residual_following = _take(y, following) - recurrence.step_at(
-            _take(y, start % length), inputs
+        mesh, axis_name = time_mesh(self)
+        take = ft.partial(_take, sharded=mesh is not None)
+        inputs = jtu.tree_map(lambda x: take(x, following), recurrence.inputs)
+        residual_following = take(y, following) - recurrence.step_at(
+            take(y, start % length), inputs
         )
         residual = jnp.where(exact, 0, residual)
         residual = jnp.where(
@@ -258,7 +261,6 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         bidiagonal = BlockBidiagonalOperator(mask_time(blocks, active))
         vector = jnp.where(active[:, None], residual, 0)
 
-        mesh, axis_name = time_mesh(self)
         if mesh is None:
             scan = AutoScan()
         else:
