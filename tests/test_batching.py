@@ -90,6 +90,7 @@ def test_batched_solves_match_unbatched(solver, monkeypatch):
     monkeypatch.setattr(problem, "MAX_STEP_ENTRIES", 16 * size * 10)
     monkeypatch.setattr(jacobian, "_MAX_STEP_ENTRIES", 16 * size * 10)
     monkeypatch.setattr(jacobian, "_MAX_JACOBIAN_ENTRIES", size * size * 9)
+    monkeypatch.setattr(jacobian, "_MAX_RESTRICTED_ENTRIES", size * size * 9)
     calls = []
     original = problem.map_in_batches
 

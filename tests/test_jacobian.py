@@ -88,7 +88,8 @@ def test_blocks_are_the_jacobian_entries(name, batched, monkeypatch):
     if batched:
         # Budget of 3 steps' Jacobians: batches of 3 over T = 13, the last one
         # overlapping its predecessor.
-        monkeypatch.setattr(jacobian_module, "_MAX_JACOBIAN_ENTRIES", 3 * size * size)
+        for budget in ("_MAX_JACOBIAN_ENTRIES", "_MAX_RESTRICTED_ENTRIES"):
+            monkeypatch.setattr(jacobian_module, budget, 3 * size * size)
     structures = _structures(size)
 
     @eqx.filter_jit  # traced here, after the budget is set
