@@ -24,7 +24,7 @@ from ._adjoint import ImplicitAdjoint
 from ._linear_solver import shard_time
 from ._linear_solver.sharded import time_mesh
 from ._solve import checked_token, solve
-from ._solver import QuasiDEER
+from ._solver import AbstractRecurrenceSolver, QuasiDEER
 
 
 # Three Diffrax internals, so that the solvers see exactly what `diffrax.diffeqsolve`
@@ -99,6 +99,11 @@ def _differentiable_solver(solver: dfx.AbstractSolver) -> dfx.AbstractSolver:
 
 
 def _check_solver(solver) -> None:
+    if isinstance(solver, type):
+        raise TypeError(
+            f"`solver` must be a Diffrax solver instance, got the class "
+            f"`{solver.__name__}`: construct one, e.g. `{solver.__name__}()`."
+        )
     if not isinstance(solver, dfx.AbstractSolver):
         raise TypeError(
             f"`solver` must be a Diffrax solver such as `diffrax.Tsit5()`, got "
@@ -394,7 +399,9 @@ def _constant_grid(t0: np.ndarray, t1: np.ndarray, dt0: np.ndarray) -> np.ndarra
     `t0 + (t1 - t0) * (k / N)` with `N = ceil((t1 - t0) / nextafter(dt0))`, the last
     at `t1`; a step ending within 100 ULP of `t1` ends at `t1`; the solve stops after
     the first step that reaches `t1`. These are Diffrax's expressions, evaluated in
-    the same dtype."""
+    the same dtype, here by NumPy: XLA evaluates them inside Diffrax's loop with its
+    own contractions (fused multiply-adds, reciprocals), so a step time can differ
+    from Diffrax's by an ULP or two, which moves the solution by rounding only."""
     dtype = t0.dtype
     dt0_after = np.where(
         dt0 == 0, np.finfo(dtype).tiny, np.nextafter(dt0, np.asarray(np.inf, dtype))
@@ -699,11 +706,20 @@ def diffeqsolve(
     """
     # --- arguments
     _check_solver(solver)
-    if not isinstance(parallel, optx.AbstractRootFinder):
+    if isinstance(parallel, type):
         raise TypeError(
-            "`parallel` must be a root finder of `parallel_dynamics.solve` such as "
-            f"`pdyn.QuasiDEER()` or `pdyn.DEER()`, got {type(parallel).__name__}."
+            f"`parallel` must be a solver instance, got the class "
+            f"`{parallel.__name__}`: construct one, e.g. `{parallel.__name__}()`."
         )
+    if not isinstance(parallel, AbstractRecurrenceSolver):
+        cls = type(parallel)
+        raise TypeError(
+            "`parallel` must be a recurrence solver of `parallel_dynamics.solve` such "
+            "as `pdyn.DEER()`, `pdyn.QuasiDEER()`, `pdyn.ELK()` or "
+            f"`pdyn.Sequential()`, got `{cls.__module__.split('.')[0]}.{cls.__name__}`."
+        )
+    if not isinstance(throw, (bool, np.bool_)):
+        raise TypeError(f"`throw` must be a bool, got {throw!r}.")
     if isinstance(adjoint, dfx.AbstractAdjoint):
         raise TypeError(
             f"`adjoint={type(adjoint).__name__}()` is a Diffrax adjoint; this solve is "
@@ -795,7 +811,7 @@ def diffeqsolve(
         max_steps=max_steps,
         init=init,
         adjoint=adjoint,
-        throw=throw,
+        throw=bool(throw),
     )
 
 
@@ -958,13 +974,17 @@ def _diffeqsolve(
 
     if saveat.dense:
         if num_steps == 0:
-            x = jtu.tree_map(lambda u: u[0], step.inputs(grid[[0, 0]] * direction))
+            x = jtu.tree_map(
+                lambda u: u[0], step.inputs(grid[jnp.array([0, 0])] * direction)
+            )
             info_struct = eqx.filter_eval_shape(lambda: step.full_step(y0, x, args)[1])
+            # Diffrax's interpolation reads one (unused) interval even when there is
+            # none.
             all_infos = jtu.tree_map(
-                lambda s: jnp.zeros((0,) + s.shape, s.dtype), info_struct
+                lambda s: jnp.zeros((1,) + s.shape, s.dtype), info_struct
             )
         interpolation = dfx.DenseInterpolation(
-            ts=grid,
+            ts=grid if num_steps else jnp.concatenate([grid, grid]),
             ts_size=num_steps + 1,
             infos=all_infos,
             interpolation_cls=step.solver.interpolation_cls,

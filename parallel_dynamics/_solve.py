@@ -221,7 +221,9 @@ def solve(
     - `throw`: if `True`, a failed solve (maximum steps reached, non-finite values,
         divergence) raises an error that says what happened and what to try, as
         `optimistix.root_find` does. If `False`, the failure is reported in
-        `sol.result` and `sol.value` holds the last finite iterate. Keyword only.
+        `sol.result` and `sol.value` holds the last finite iterate (for
+        `pdyn.Sequential`, which has no iterates, the sequential trajectory as
+        computed, non-finite from the first failing step on). Keyword only.
 
     **Returns:**
 

@@ -446,6 +446,15 @@ def test_implicit_root_finder_failure_is_reported():
         (dict(solver=dfx.ShARK()), ValueError, "MultiTerm"),
         (dict(solver="Tsit5"), TypeError, "`solver`"),
         (dict(parallel=dfx.Tsit5()), TypeError, "`parallel`"),
+        (
+            dict(parallel=optx.Newton(rtol=1e-6, atol=1e-6)),
+            TypeError,
+            "`parallel` must be a recurrence solver.*optimistix.Newton",
+        ),
+        (dict(parallel=pdyn.DEER), TypeError, "`parallel`.*class `DEER`.*DEER()"),
+        (dict(solver=dfx.Tsit5), TypeError, "`solver`.*class `Tsit5`.*Tsit5()"),
+        (dict(throw=None), TypeError, "`throw` must be a bool"),
+        (dict(throw="yes"), TypeError, "`throw` must be a bool"),
         (dict(adjoint=dfx.RecursiveCheckpointAdjoint()), TypeError, "`adjoint"),
         (dict(saveat=dfx.SaveAt(t1=True, solver_state=True)), ValueError, "solver"),
         (dict(saveat=dfx.SaveAt(ts=jnp.array([1.0, 4.0]))), ValueError, "between"),
@@ -471,6 +480,19 @@ def test_bad_arguments(kwargs, error, match):
     call.update(kwargs)
     with pytest.raises(error, match=match):
         diffeqsolve(**call)
+
+
+@pytest.mark.parametrize("t1", [True, False], ids=["t1", "dense only"])
+def test_dense_output_of_an_empty_interval(t1):
+    # t0 == t1: no steps; the interpolation is constant, as Diffrax's.
+    saveat = dfx.SaveAt(t1=t1, dense=True)
+    expected = _reference(ODE, dfx.Tsit5(), saveat, t1=T0)
+    sol = diffeqsolve(ODE, dfx.Tsit5(), T0, T0, DT0, Y0, ARGS, saveat=saveat)
+    if t1:
+        assert_close(sol.ys, expected.ys)
+    # (Outside the interval, Diffrax's interpolation is NaN and this one is not.)
+    assert_close(sol.evaluate(T0), expected.evaluate(T0))
+    assert_close(sol.evaluate(T0), Y0)
 
 
 def test_traced_grid_needs_step_to():
