@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from parallel_dynamics._linear_solver.kalman import (  # noqa: E402
+    _SMALL_DENSE,
+    _spd_solve,
     block_diagonal_smoother_parallel,
     block_diagonal_smoother_sequential,
     dense_smoother_parallel,
@@ -414,3 +416,72 @@ def test_block_diagonal_filter(fn):
         A2, b[:, 2:], x0[2:], obs[:, 2:], 0.5, smooth=False
     )
     assert _rel_err(filtered, jnp.concatenate([first, second], axis=-1)) < 1e-12
+
+
+# The sequential dense smoother solves its per-step systems in plain XLA operations
+# up to D = _SMALL_DENSE and with LAPACK above: both sides of the threshold.
+SMALL_DIMS = [1, 2, 3, 5, 8, _SMALL_DENSE, _SMALL_DENSE + 1]
+
+
+def _random_dense_numpy(seed, T, D, radius):
+    """As `_random_dense`, drawn with NumPy (`jnp.linalg.eigvals` compiles for every
+    new shape)."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((T, D, D))
+    A *= (radius / np.max(np.abs(np.linalg.eigvals(A)), axis=-1))[:, None, None]
+    return (
+        A,
+        rng.standard_normal((T, D)),
+        rng.standard_normal(D),
+        rng.standard_normal((T, D)),
+    )
+
+
+@pytest.mark.parametrize("D", SMALL_DIMS)
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_dense_sequential_around_small_threshold(D, dtype):
+    T = 12
+    # One damping per step from 1e-6 (nearly undamped: normal equations with condition
+    # number up to ~1e8) to 1e6, in one compilation.
+    lam = np.random.default_rng(0).permutation(np.geomspace(1e-6, 1e6, T))
+    radius = 1.3 if dtype == jnp.float64 else 0.9
+    args = [x.astype(dtype) for x in _random_dense_numpy(D, T, D, radius)]
+    x = dense_smoother_sequential(*args, lam.astype(dtype))
+    assert x.dtype == dtype
+    if dtype == jnp.float64:
+        _check_against_references(x, *args, lam[:, None])
+    else:
+        ref = _least_squares_reference(*args, lam[:, None])
+        assert _rel_err(x, ref) < 1e-4
+
+
+@pytest.mark.parametrize("D", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_spd_solve(D, dtype):
+    # Ill-conditioned symmetric positive definite matrices, with the smallest
+    # eigenvalue not first, against a float64 LAPACK solve of the same rounded matrix.
+    cond = 1e10 if dtype == jnp.float64 else 1e4
+    rng = np.random.default_rng(D)
+    q, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    eigenvalues = rng.permutation(np.geomspace(1, cond, D))
+    a = ((q * eigenvalues) @ q.T).astype(dtype)
+    a = (a + a.T) / 2
+    b = rng.standard_normal((D, 3)).astype(dtype)
+    x = jax.jit(_spd_solve)(a, b)
+    assert x.dtype == dtype
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ref = np.linalg.solve(a64, b64)
+    eps = np.finfo(dtype).eps
+    assert _rel_err(x, ref) < 10 * D * np.linalg.cond(a64) * eps
+    # Backward error: small residual relative to |a| |x|.
+    residual = np.abs(a64 @ np.asarray(x, np.float64) - b64)
+    assert np.max(residual / (np.abs(a64) @ np.abs(np.asarray(x, np.float64)))) < (
+        10 * D * eps
+    )
+
+
+@pytest.mark.parametrize("D", [_SMALL_DENSE, _SMALL_DENSE + 1])
+def test_dense_sequential_lapack_only_above_threshold(D):
+    A, b = jnp.zeros((4, D, D)), jnp.zeros((4, D))
+    text = dense_smoother_sequential.lower(A, b, b[0], b, 1.0).as_text()
+    assert ("lapack" in text) == (D > _SMALL_DENSE)
