@@ -21,6 +21,10 @@ Sections (`--only` / `--skip` take comma-separated names):
   `benchmarks/elk.py`) and ODE (`benchmarks/ode.py`) benchmarks of their own issues,
   run as they are when they exist; they write their own results files.
 
+Standalone, not run by this command: `python -m benchmarks.floor` (the quasi-DEER
+method's floor against the library's cost per iteration), `benchmarks.sharding`,
+`benchmarks.argru`.
+
 Writes `benchmarks/results/bench_<device>[_quick][_<tag>].json` (updated after every
 section), PNG plots and a Markdown file of tables next to it, and prints the tables.
 """
