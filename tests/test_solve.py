@@ -246,3 +246,30 @@ def test_stopping_rule_is_not_fooled_by_a_blown_up_iterate():
     assert not bool(converged(jnp.array(3), jnp.array(1.7e8), jnp.array(3.4e29)))
     assert not bool(converged(jnp.array(3), jnp.array(0.5), jnp.array(0.6)))
     assert bool(converged(jnp.array(3), jnp.array(0.05), jnp.array(0.6)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("shape", [(1,), (7, 1), (13, 4), (1000, 16), (3, 2, 5)])
+def test_max_abs_is_the_max_norm(shape, dtype):
+    from parallel_dynamics._solver.base import max_abs
+
+    x = jr.normal(jr.key(sum(shape)), shape, dtype)
+    for values in (x, -jnp.abs(x) - 1, jnp.abs(x)):
+        got = jax.jit(max_abs)(values)
+        assert got.dtype == values.dtype
+        assert got == optx.max_norm(values)
+    assert max_abs(jnp.zeros((0, 3), dtype)) == 0
+
+
+def test_scaled_size_with_the_default_norm():
+    solver = pdyn.QuasiDEER(rtol=1e-3, atol=1e-4)
+    y = jr.normal(jr.key(0), (50, 3))
+    update = jr.normal(jr.key(1), (50, 3))
+    expected = optx.max_norm(update / (1e-4 + 1e-3 * jnp.abs(y)))
+    assert jax.jit(solver.scaled_size)(y, update) == expected
+    two = pdyn.QuasiDEER(rtol=1e-3, atol=1e-4, norm=optx.two_norm)
+    np.testing.assert_allclose(
+        two.scaled_size(y, update),
+        optx.two_norm(update / (1e-4 + 1e-3 * jnp.abs(y))),
+        rtol=1e-12,
+    )
