@@ -35,18 +35,17 @@ from .common import (
     gru_step,
     make_gru,
     make_lax_scan,
-    MAX_ERROR,
     median_ms,
     paired_ratio,
     RESULTS_DIR,
     save_json,
     time_interleaved,
 )
+from .passes import choose_tolerance
 
 
 LENGTH = 10_000
 ITERATIONS = 7
-TOLERANCES = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
 
 def minimal_quasi_newton(y0, xs, cell):
@@ -89,7 +88,9 @@ def run_dim(size: int, budget_s: float) -> dict:
     reference = scan(y0, xs, cell)
     fixed = pdyn.QuasiDEER(rtol=0.0, atol=0.0)
     elementwise = pdyn.QuasiDEER(rtol=0.0, atol=0.0, diagonal="elementwise")
-    tol, iterations = _loosest_tolerance(y0, xs, cell, reference)
+    tol, iterations, _ = choose_tolerance(
+        lambda tol: pdyn.QuasiDEER(rtol=tol, atol=tol), y0, xs, cell, reference
+    )
     solves = {
         "QuasiDEER": _solve_fn(pdyn.QuasiDEER(rtol=tol, atol=tol)),
         f"QuasiDEER, {ITERATIONS} iterations": _solve_fn(fixed, ITERATIONS),
@@ -115,21 +116,6 @@ def run_dim(size: int, budget_s: float) -> dict:
     }
     rows["QuasiDEER"].update(tol=tol, iterations=iterations)
     return {"D": size, "T": LENGTH, "runs": len(times["lax.scan"]), "rows": rows}
-
-
-def _loosest_tolerance(y0, xs, cell, reference) -> tuple[float, int]:
-    """The loosest of `TOLERANCES` whose solve is within 1e-4 of `lax.scan`, as in
-    the grid, and its iterations."""
-    for tol in TOLERANCES:
-        run = jax.jit(
-            lambda xs, cell, tol=tol: pdyn.solve(
-                gru_step, pdyn.QuasiDEER(rtol=tol, atol=tol), y0, xs, cell, throw=False
-            )
-        )
-        sol = run(xs, cell)
-        if float(jnp.max(jnp.abs(sol.value - reference))) <= MAX_ERROR:
-            return tol, int(sol.stats["num_steps"])
-    raise RuntimeError("no tolerance reaches the error target")
 
 
 def main(argv=None) -> None:

@@ -165,9 +165,10 @@ class ExactDiagonal(AbstractJacobian):
     In general this costs up to $D$ tangent evaluations per step, done in bounded
     batches so that memory stays $O(T D)$; for steps whose tangents are elementwise
     after their matrix products (RNN cells) XLA computes only the diagonal entries,
-    about the cost of one Jacobian-vector product. When the step is *elementwise* (its Jacobian is
-    diagonal by construction, as in ParaRNN's cells), set `elementwise=True`: one
-    Jacobian-vector product with a vector of ones then gives the diagonal exactly.
+    about the cost of one Jacobian-vector product. When the step is *elementwise*
+    (its Jacobian is diagonal by construction, as in ParaRNN's cells), set
+    `elementwise=True`: one Jacobian-vector product with a vector of ones then gives
+    the diagonal exactly.
     """
 
     elementwise: bool = False

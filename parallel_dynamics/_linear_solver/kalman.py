@@ -241,6 +241,14 @@ def _dense_filter_element(A, b, obs, lam):
     )
 
 
+def _eliminate(ab: Array, k, rows: Array) -> Array:
+    """One Gauss–Jordan step on the augmented matrix `ab = [a | b]`: row `k` scaled to
+    a unit pivot, column `k` cleared in every other row."""
+    row = ab[k] / ab[k, k]
+    ab = ab - jnp.where(rows == k, 0, ab[:, k])[:, None] * row[None, :]
+    return ab.at[k].set(row)
+
+
 def _gauss_jordan_solve(a: Array, b: Array) -> Array:
     """`jnp.linalg.solve(a, b)` for one small `(D, D)` system (`b` of shape `(D,)` or
     `(D, K)`) by Gauss-Jordan elimination with partial pivoting, in plain XLA
@@ -262,9 +270,7 @@ def _gauss_jordan_solve(a: Array, b: Array) -> Array:
         pivot = jnp.argmax(jnp.where(rows >= k, column, -1))
         swap = (rows == k).astype(ab.dtype) - (rows == pivot).astype(ab.dtype)
         ab = ab + swap[:, None] * (ab[pivot] - ab[k])[None, :]
-        row = ab[k] / ab[k, k]
-        ab = ab - jnp.where(rows == k, 0, ab[:, k])[:, None] * row[None, :]
-        return ab.at[k].set(row)
+        return _eliminate(ab, k, rows)
 
     ab = lax.fori_loop(0, D, step, ab, unroll=D <= 16)
     x = ab[:, D:]
@@ -300,9 +306,7 @@ def _spd_solve(a: Array, b: Array) -> Array:
     ab = jnp.concatenate([a, b], axis=1)
     rows = jnp.arange(D)
     for k in range(D):
-        row = ab[k] / ab[k, k]
-        ab = ab - jnp.where(rows == k, 0, ab[:, k])[:, None] * row[None, :]
-        ab = ab.at[k].set(row)
+        ab = _eliminate(ab, k, rows)
     return ab[:, D:]
 
 

@@ -135,10 +135,11 @@ def max_abs(x: Array) -> Scalar:
     that to YNNPACK), then the $T$ row maxima with `jnp.max`. A whole quasi-DEER
     solve (GRU, $T = 10^4$, 7 iterations) measured 1.2 to 1.4 times faster at
     $D = 4$ and 1.05 to 1.1 times at $D = 16$ (two runs); at $D = 64$ it was no
-    faster, and that path is left as it was. The rows are never split across devices (states are sharded along time
-    only), and the last reduction is a plain maximum, which a sharded program can
-    combine across devices; it could not combine a select. Neither reduction is
-    guaranteed to propagate NaNs; the solvers check finiteness separately.
+    faster, and that path is left as it was. The rows are never split across
+    devices (states are sharded along time only), and the last reduction is a plain
+    maximum, which a sharded program can combine across devices; it could not
+    combine a select. Neither reduction is guaranteed to propagate NaNs; the solvers
+    check finiteness separately.
     """
     if x.ndim != 2 or x.size == 0 or x.shape[1] > _ROWWISE_MAX_SIZE:
         return optx.max_norm(x)
