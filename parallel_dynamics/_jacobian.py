@@ -75,16 +75,34 @@ def _step_and_restricted_products(
     The step is linearised once and its linear map pushed through the basis vectors
     under `vmap`, each product cut down at once to the entries that are kept. Where
     a step's tangents are elementwise after its matrix products (RNN cells), XLA then
-    computes only those entries instead of the whole $D \times D$ Jacobian: for
-    `eqx.nn.GRUCell` at $T = 10^4$ the exact diagonal measured 1.3 to 3 times and the
-    $4 \times 4$ diagonal blocks 3 to 5 times faster ($D = 16, 64$, CPU) than cutting
-    them out of `jax.jacfwd`. The full Jacobian is still faster from `jax.jacfwd`.
+    computes only those entries instead of the whole $D \\times D$ Jacobian: for
+    `eqx.nn.GRUCell` at $T = 10^4$ the $4 \\times 4$ diagonal blocks measured 3 to 5
+    times faster ($D = 16, 64$, CPU) than cutting them out of `jax.jacfwd`. The full
+    Jacobian is still faster from `jax.jacfwd`.
     """
     value, linear = jax.linearize(lambda _y: recurrence.step_at(_y, x), y)
     size = y.shape[0]
     basis = jnp.eye(size, dtype=y.dtype)
     products = jax.vmap(lambda e, j: restrict(linear(e), j))(basis, jnp.arange(size))
     return value, products
+
+
+def _step_and_diagonal(recurrence: Recurrence, y: Array, x: PyTree):
+    """$f(y, x)$ and the diagonal of $J$, as entries $0, D + 1, 2 (D + 1), \\dots$ of
+    the flattened products $J e_j$.
+
+    A static strided slice: XLA fuses it into the products and computes only the
+    diagonal entries for RNN cells, as with `_step_and_restricted_products`, but
+    without the gather that indexing column $j$ at $j$ becomes, which XLA:CPU does
+    not vectorise. For `eqx.nn.GRUCell` at $T = 10^4$ the linearisation measured
+    1.3 times faster at $D = 16$ and 1.15 times at $D = 64$ (CPU) than with the
+    gather. (The same slicing for $k \\times k$ blocks made XLA form the whole
+    Jacobian, so the blocks keep the gather.)
+    """
+    value, linear = jax.linearize(lambda _y: recurrence.step_at(_y, x), y)
+    size = y.shape[0]
+    columns = jax.vmap(linear)(jnp.eye(size, dtype=y.dtype))
+    return value, columns.reshape(size * size)[:: size + 1]
 
 
 def _map_bounded(
@@ -190,15 +208,13 @@ class ExactDiagonal(AbstractJacobian):
             )
             return values, DiagonalBlocks(diagonal)
 
-        def fn(y, x):
-            # Entry j of J e_j is the diagonal entry J_jj.
-            return _step_and_restricted_products(
-                recurrence, y, x, lambda column, j: column[j]
-            )
-
         size = recurrence.size
         values, diagonal = _map_bounded(
-            recurrence, fn, size * size, previous, budget=_MAX_RESTRICTED_ENTRIES
+            recurrence,
+            lambda y, x: _step_and_diagonal(recurrence, y, x),
+            size * size,
+            previous,
+            budget=_MAX_RESTRICTED_ENTRIES,
         )
         return values, DiagonalBlocks(diagonal)
 

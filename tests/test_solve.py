@@ -261,6 +261,21 @@ def test_max_abs_is_the_max_norm(shape, dtype):
     assert max_abs(jnp.zeros((0, 3), dtype)) == 0
 
 
+@pytest.mark.parametrize("size", [3, 40])  # the row-wise CPU path and the other one
+def test_scaled_size_and_finite(size):
+    solver = pdyn.QuasiDEER(rtol=1e-3, atol=1e-4)
+    y = jr.normal(jr.key(0), (50, size))
+    update = jr.normal(jr.key(1), (50, size))
+    expected = optx.max_norm(update / (1e-4 + 1e-3 * jnp.abs(y)))
+    fn = jax.jit(solver.scaled_size_and_finite)
+    size_, finite = fn(y, update, y - update)
+    assert size_ == expected and bool(finite)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        for row in (0, 17, 49):
+            new_y = (y - update).at[row, size - 1].set(bad)
+            assert not bool(fn(y, update, new_y)[1])
+
+
 def test_scaled_size_with_the_default_norm():
     solver = pdyn.QuasiDEER(rtol=1e-3, atol=1e-4)
     y = jr.normal(jr.key(0), (50, 3))

@@ -113,39 +113,75 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
 
     def scaled_size(self, y: Array, update: Array) -> Scalar:
         """$\\lVert \\Delta / (\\text{atol} + \\text{rtol}\\,|Y|) \\rVert$."""
+        return self._scaled(y, update, None)[0]
+
+    def scaled_size_and_finite(
+        self, y: Array, update: Array, new_y: Array
+    ) -> tuple[Scalar, Bool[Array, ""]]:
+        """`scaled_size(y, update)` and whether `new_y` is finite.
+
+        On CPU, with the default max-norm and narrow states, both come out of one
+        pass over the arrays (see `_rowwise_max_abs`)."""
+        return self._scaled(y, update, new_y)
+
+    def _scaled(self, y, update, new_y):
         rtol, atol = self.tolerances(y.dtype)
         scaled = update / (atol + rtol * jnp.abs(y))
-        if self.norm is optx.max_norm and on_cpu():
-            return max_abs(scaled)
-        return self.norm(scaled)
+        if self.norm is optx.max_norm and on_cpu() and _rowwise(scaled):
+            return _rowwise_max_abs(scaled, new_y)
+        size = self.norm(scaled)
+        return size, None if new_y is None else all_finite(new_y)
 
 
 # Up to this state size the stopping test's max-norm reduces each time step's state
-# with a reduction XLA:CPU compiles itself (see `max_abs`).
+# with a reduction XLA:CPU compiles itself (see `_rowwise_max_abs`).
 _ROWWISE_MAX_SIZE = 32
 
 
-def max_abs(x: Array) -> Scalar:
+def _rowwise(x: Array) -> bool:
+    return x.ndim == 2 and x.size > 0 and x.shape[1] <= _ROWWISE_MAX_SIZE
+
+
+def _larger(a, b):
+    return jax.lax.select(a > b, a, b)
+
+
+def _rowwise_max_abs(
+    x: Array, finite_of: Array | None = None
+) -> tuple[Scalar, Bool[Array, ""] | None]:
     """$\\max_i |x_i|$ of a `(T, D)` array, the value of `optimistix.max_norm(x)`,
-    for the stopping test on CPU.
+    and, given `finite_of`, whether all its entries are finite.
 
     `jnp.max` becomes a YNNPACK reduction on CPU, whose cost dominated the rest of a
-    quasi-DEER iteration on narrow states. For $D \\leq 32$ each row is first reduced
-    with a combining function that XLA compiles itself (a select: XLA does not hand
-    that to YNNPACK), then the $T$ row maxima with `jnp.max`. A whole quasi-DEER
-    solve (GRU, $T = 10^4$, 7 iterations) measured 1.2 to 1.4 times faster at
-    $D = 4$ and 1.05 to 1.1 times at $D = 16$ (two runs); at $D = 64$ it was no
-    faster, and that path is left as it was. The rows are never split across
-    devices (states are sharded along time only), and the last reduction is a plain
-    maximum, which a sharded program can combine across devices; it could not
-    combine a select. Neither reduction is guaranteed to propagate NaNs; the solvers
-    check finiteness separately.
+    quasi-DEER iteration on narrow states; `jnp.all(jnp.isfinite(.))` becomes an
+    elementwise pass and two reduce-windows. Here each row is reduced once, with
+    combining functions XLA compiles itself (a select, and a logical and, in one
+    variadic reduction), then the $T$ row results with `jnp.max` and `jnp.all`. The
+    rows are never split across devices (states are sharded along time only), and
+    the last reductions are plain ones that a sharded program can combine across
+    devices; it could not combine a select. The maximum is not guaranteed to
+    propagate NaNs; the solvers check finiteness separately.
     """
-    if x.ndim != 2 or x.size == 0 or x.shape[1] > _ROWWISE_MAX_SIZE:
+    init = jnp.array(-jnp.inf, x.dtype)
+    if finite_of is None:
+        rows = jax.lax.reduce(jnp.abs(x), init, _larger, (1,))
+        return jnp.max(rows), None
+
+    def combine(a, b):
+        return _larger(a[0], b[0]), jnp.logical_and(a[1], b[1])
+
+    rows, finite = jax.lax.reduce(
+        (jnp.abs(x), jnp.isfinite(finite_of)), (init, jnp.array(True)), combine, (1,)
+    )
+    return jnp.max(rows), jnp.all(finite)
+
+
+def max_abs(x: Array) -> Scalar:
+    """$\\max_i |x_i|$, the value of `optimistix.max_norm(x)`, computed row by row
+    for narrow `(T, D)` arrays (see `_rowwise_max_abs`)."""
+    if not _rowwise(x):
         return optx.max_norm(x)
-    larger = lambda a, b: jax.lax.select(a > b, a, b)
-    rows = jax.lax.reduce(jnp.abs(x), jnp.array(-jnp.inf, x.dtype), larger, (1,))
-    return jnp.max(rows)
+    return _rowwise_max_abs(x)[0]
 
 
 def converged(

@@ -19,7 +19,6 @@ from .._linear_solver.scan import AutoScan
 from .._operator import BlockBidiagonalOperator
 from .base import (
     AbstractRecurrenceSolver,
-    all_finite,
     as_recurrence,
     IterationState,
     print_progress,
@@ -68,12 +67,15 @@ class AbstractNewton(AbstractRecurrenceSolver):
         operator = BlockBidiagonalOperator(blocks)
         update = lx.linear_solve(operator, residual, self.linear_solver, throw=False)
         new_y = y - update.value
-        finite = all_finite(new_y, residual)
+        # A non-finite residual or block makes the update, and so `new_y`,
+        # non-finite: the scan carries it forward.
+        diffsize, finite = self.scaled_size_and_finite(y, update.value, new_y)
         new_state = IterationState(
             step=state.step + 1,
-            diffsize=self.scaled_size(y, update.value),
+            diffsize=diffsize,
             diffsize_prev=state.diffsize,
-            residual_norm=self.norm(residual),
+            # Only printed.
+            residual_norm=self.norm(residual) if self.verbose else state.residual_norm,
             result=optx.RESULTS.where(
                 finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
             ),
