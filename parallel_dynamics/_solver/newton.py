@@ -82,7 +82,8 @@ class AbstractNewton(AbstractRecurrenceSolver):
         )
         if self.verbose:
             print_progress(type(self).__name__, new_state)
-        return jnp.where(finite, new_y, y), new_state, None
+        # = where(finite, new_y, y), in one pass with the finiteness reduction.
+        return y - jnp.where(finite, update.value, 0), new_state, None
 
 
 class Newton(AbstractNewton):
