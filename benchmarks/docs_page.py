@@ -327,6 +327,7 @@ def page() -> str:
         "",
     ]
     out += _summary(full, quick_grid, latest, runs)
+    out += _profile_section()
 
     if full:
         out += [
@@ -618,6 +619,177 @@ def _floor_text() -> list[str]:
     ]
 
 
+PROFILE = "profile_cpu.json"
+PROFILE_ANCHOR = "#where-the-time-of-a-solve-goes-cpu-profile"
+
+
+def _profile_section() -> list[str]:
+    """What `benchmarks/profile.py` measured: the time of one solve split by XLA
+    operation, as category shares per solver and D, and the largest operations."""
+    results = _load(PROFILE)
+    if not results:
+        return []
+    categories = list(results["categories"])
+    rows = _profile_rows(results)
+    out = [
+        "",
+        "## Where the time of a solve goes (CPU profile)",
+        "",
+        f"From `benchmarks/results/{PROFILE}` (`python -m benchmarks.profile`, "
+        "see its docstring). Machine: "
+        f"{_machine(results['meta'])}. GRU, T = {results['T']}, float32: "
+        "`QuasiDEER` (exact diagonal) for exactly 7 iterations and `DEER` for "
+        "exactly 3 (what max error 1e-4 takes), and `lax.scan`. Solves are traced "
+        "with `jax.profiler`; every event of XLA:CPU's runtime is an operation of "
+        "the compiled program (an HLO instruction), classified from its place in "
+        "the program and its `op_name` (e.g. `while/body/vmap(jvp(eqx.nn.GRUCell))"
+        "/dot_general`). The shares are of the untraced wall time of a solve, "
+        "split in proportion to the operations' traced times.",
+        "",
+        "Where XLA runs a loop's body as separate operations at every time step "
+        "(rows marked †: the linear recurrence of the solvers, and `lax.scan`), "
+        "the profiler's cost per event (about a microsecond) swamps the "
+        "operations' own, and the loop's time is measured without the profiler "
+        "instead: the same recurrence solved alone (`pdyn.sequential_scan`) for "
+        "the solvers, the wall time less the rest for `lax.scan`; within such a "
+        "loop the split between operations follows their traced times, i.e. "
+        "mostly their number. Elsewhere a loop compiled into one operation cannot "
+        "be split."
+        + "".join(
+            f" At D = {size}, XLA compiles `lax.scan` whole into one."
+            for name, size, p in rows
+            if name == "lax.scan" and p["iterations_traced"] is None
+        ),
+        "",
+        "| solver | D | ms per solve | × lax.scan | per iteration | "
+        + " | ".join(categories)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(categories),
+    ]
+    for name, size, p in rows:
+        per = (
+            f"{p['loop_us_per_iteration']:.2f} µs per step"
+            if name == "lax.scan"
+            else f"{p['loop_us_per_iteration'] / 1e3:.2f} ms ({p['iterations']} it)"
+        )
+        mark = " †" if p["per_step_ops"] else ""
+        shares = [_share(p["categories"][c]["share"]) for c in categories]
+        out.append(
+            f"| {name}{mark} | {size} | {p['wall_us'] / 1e3:.2f} | "
+            f"{p['x_scan']:.2f} | {per} | " + " | ".join(shares) + " |"
+        )
+    out += ["", *_profile_text(rows), ""]
+    out += ['??? note "The largest operations of every profile"', ""]
+    out += _indent(_profile_ops(rows))
+    return out
+
+
+def _share(value: float) -> str:
+    return "–" if value < 0.0005 else f"{100 * value:.0f}%" if value >= 0.01 else "<1%"
+
+
+def _profile_rows(results: dict) -> list[tuple[str, int, dict]]:
+    return [
+        (name, d["D"], p)
+        for name in ("QuasiDEER", "DEER", "lax.scan")
+        for d in results["dims"]
+        if (p := d["solvers"].get(name))
+    ]
+
+
+def _span(rows, name: str, *categories: str) -> str:
+    """The range across D of a solver's share of some categories together."""
+    values = [
+        100 * sum(p["categories"][c]["share"] for c in categories)
+        for n, _, p in rows
+        if n == name
+    ]
+    if not values:
+        return "–"
+    low, high = min(values), max(values)
+    return f"{low:.0f}%" if round(low) == round(high) else f"{low:.0f}–{high:.0f}%"
+
+
+def _profile_summary() -> list[str]:
+    """One paragraph of the summary: what the profile says about quasi-DEER."""
+    results = _load(PROFILE)
+    if not results:
+        return []
+    rows = _profile_rows(results)
+    sizes = " / ".join(str(d["D"]) for d in results["dims"])
+    return [
+        f"The [profile of one solve]({PROFILE_ANCHOR}) (`python -m "
+        f"benchmarks.profile`, D = {sizes}) splits the time of a 7-iteration "
+        "quasi-DEER solve per XLA operation: the step and its Jacobian's diagonal "
+        f"take {_span(rows, 'QuasiDEER', 'step + Jacobian')}, the linear "
+        f"recurrence {_span(rows, 'QuasiDEER', 'linear solve (scan)')}, and the "
+        "finiteness checks, the stopping test's norms, the loops' control, the "
+        "copies and the update together "
+        + _span(
+            rows,
+            "QuasiDEER",
+            "checks and control",
+            "copies and buffers",
+            "residual and update",
+        )
+        + ".",
+        "",
+    ]
+
+
+def _profile_text(rows) -> list[str]:
+    """The shares that matter, from the profiles: their ranges across D."""
+
+    def span(name, *categories):
+        return _span(rows, name, *categories)
+
+    step, scan = "step + Jacobian", "linear solve (scan)"
+    checks, copies = "checks and control", "copies and buffers"
+    update = "residual and update"
+    copy_ops = [
+        f"`{op['name']}` at D = {size} ({_share(op['share'])}: {op['kind']} to "
+        f"`{op['shape']}`, {op['per_solve']:.0f} per solve, `{op['op_name']}`)"
+        for n, size, p in rows
+        if n == "DEER"
+        for op in p["top"]
+        if op["category"] == copies and op["share"] >= 0.05
+    ]
+    return [
+        "**Quasi-DEER**: the step and its Jacobian's diagonal (one forward-mode "
+        f"pass, the diagonal's extraction) take {span('QuasiDEER', step)} of a "
+        f"solve at every D, the linear recurrence {span('QuasiDEER', scan)}; the "
+        "finiteness checks, the stopping test's norms and the loops' control "
+        f"{span('QuasiDEER', checks)}, copies and buffers "
+        f"{span('QuasiDEER', copies)}, the update {span('QuasiDEER', update)}: "
+        f"together {span('QuasiDEER', checks, copies, update)}. The rest is work "
+        "outside the loop (the initial guess, and the inputs' product with the "
+        "GRU's input weights, which XLA hoists out of the loop). **DEER**: the "
+        f"step and its dense Jacobian take {span('DEER', step)}, the dense "
+        f"recurrence {span('DEER', scan)}, copies and buffers "
+        f"{span('DEER', copies)}"
+        + (f"; the largest copies: {'; '.join(copy_ops)}." if copy_ops else ".")
+        + " For `lax.scan` the first column is the step itself, the checks and "
+        "control its loop's counter and condition, the copies its reads of x_t and "
+        "writes of y_t (split by their traced times, †).",
+    ]
+
+
+def _profile_ops(rows) -> list[str]:
+    out = [
+        "| solver | D | operation | category | share | per solve | op_name |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, size, p in rows:
+        for op in p["top"][:5]:
+            mark = " †" if op["per_step_loop"] else ""
+            out.append(
+                f"| {name} | {size} | `{op['name']}`{mark} | {op['category']} | "
+                f"{_share(op['share'])} | {op['per_solve']:.0f} | "
+                f"`{op['op_name'] or '–'}` |"
+            )
+    return out
+
+
 def _indent(lines: list[str]) -> list[str]:
     return [("    " + line) if line else "" for line in lines]
 
@@ -731,6 +903,7 @@ def _summary(full, quick_grid, latest, runs) -> list[str]:
         "",
     ]
     out += _floor_text()
+    out += _profile_summary()
     out += [
         "DEER's targets are "
         "looser (the reference's DEER ratios are 14–102×) and DEER needs only 3 "

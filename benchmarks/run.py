@@ -22,8 +22,10 @@ Sections (`--only` / `--skip` take comma-separated names):
   run as they are when they exist; they write their own results files.
 
 Standalone, not run by this command: `python -m benchmarks.floor` (the quasi-DEER
-method's floor against the library's cost per iteration) and `python -m
-benchmarks.sharding` (sequence parallelism on emulated devices).
+method's floor against the library's cost per iteration), `python -m
+benchmarks.profile` (where the time of one solve goes, per XLA operation, with
+`jax.profiler`; about a minute on a CPU) and `python -m benchmarks.sharding`
+(sequence parallelism on emulated devices).
 
 Writes `benchmarks/results/bench_<device>[_quick][_<tag>].json` (updated after every
 section), PNG plots and a Markdown file of tables next to it, and prints the tables.
