@@ -39,7 +39,10 @@ class IterationState(eqx.Module):
     step: Int[Array, ""]
     diffsize: Scalar  # scaled norm of the last update
     diffsize_prev: Scalar  # and of the one before
-    residual_norm: Scalar  # unscaled norm of that residual
+    # Unscaled norm of the residual the last update solved for; the Newton-type
+    # solvers only compute it when `verbose` (it is only printed) and otherwise keep
+    # the initial inf.
+    residual_norm: Scalar
     result: optx.RESULTS
 
 
@@ -121,7 +124,8 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         """`scaled_size(y, update)` and whether `new_y` is finite.
 
         On CPU, with the default max-norm and narrow states, both come out of one
-        pass over the arrays (see `_rowwise_max_abs`)."""
+        pass over the arrays (see `_rowwise_max_abs`), and the size is then not
+        differentiated (it only feeds the stopping test)."""
         return self._scaled(y, update, new_y)
 
     def _scaled(self, y, update, new_y):
@@ -161,6 +165,11 @@ def _rowwise_max_abs(
     the last reductions are plain ones that a sharded program can combine across
     devices; it could not combine a select. The maximum is not guaranteed to
     propagate NaNs; the solvers check finiteness separately.
+
+    With `finite_of` the maximum has a zero derivative: JAX's JVP of a variadic
+    `lax.reduce` fails on the symbolic zero tangent of the boolean operand, and
+    backpropagating through the iterations (`optimistix.RecursiveCheckpointAdjoint`)
+    differentiates the stopping test's norm too, whose derivative nothing uses.
     """
     init = jnp.array(-jnp.inf, x.dtype)
     if finite_of is None:
@@ -170,8 +179,9 @@ def _rowwise_max_abs(
     def combine(a, b):
         return _larger(a[0], b[0]), jnp.logical_and(a[1], b[1])
 
+    magnitudes = jax.lax.stop_gradient(jnp.abs(x))
     rows, finite = jax.lax.reduce(
-        (jnp.abs(x), jnp.isfinite(finite_of)), (init, jnp.array(True)), combine, (1,)
+        (magnitudes, jnp.isfinite(finite_of)), (init, jnp.array(True)), combine, (1,)
     )
     return jnp.max(rows), jnp.all(finite)
 
