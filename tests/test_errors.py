@@ -3,6 +3,7 @@ last finite iterate with the failing result, `throw=True` raises a message that 
 what happened and what to try. (Wrong arguments: `test_validation.py`.)"""
 
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import optimistix as optx
 import pytest
@@ -47,6 +48,28 @@ def test_nonfinite_step_gives_nonfinite_result_and_keeps_a_finite_iterate(
     if check_throw:
         with pytest.raises(Exception, match="non-finite.*ELK.*float64.*Sequential"):
             pdyn.solve(blows_up_at_step_6, solver, jnp.zeros(2), T_NAN)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [pdyn.DEER, pdyn.Picard, pdyn.Jacobi],
+    ids=lambda x: x.__name__,
+)
+def test_nonfinite_residual_is_reported_with_any_lineax_solver(solver):
+    """The library's scans add the residual into the update at every step, so a
+    non-finite residual makes the update non-finite; a generic Lineax solver need not
+    (CG on the normal equations returns zero for a NaN right-hand side), and the
+    solve must not then report the unchanged guess as a solution."""
+    linear_solver = lx.Normal(lx.CG(rtol=1e-8, atol=1e-8))
+    sol = pdyn.solve(
+        blows_up_at_step_6,
+        solver(linear_solver=linear_solver),
+        jnp.zeros(2),
+        T_NAN,
+        throw=False,
+    )
+    assert sol.result == optx.RESULTS.nonfinite
+    assert finite(sol.value)
 
 
 def test_sequential_reports_nonfinite_trajectories():

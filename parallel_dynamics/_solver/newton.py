@@ -15,13 +15,33 @@ from .._jacobian import (
     ExactDiagonal,
     StochasticDiagonal,
 )
-from .._linear_solver.scan import AutoScan
+from .._linear_solver.iterative import IterativeScan
+from .._linear_solver.matrix_free import MatrixFreeScan
+from .._linear_solver.scan import AutoScan, ChunkedScan, ParallelScan, SequentialScan
+from .._linear_solver.sharded import ShardedScan
 from .._operator import BlockBidiagonalOperator
 from .base import (
     AbstractRecurrenceSolver,
+    all_finite,
     as_recurrence,
     IterationState,
     print_progress,
+)
+
+
+# The library's scans add the residual into the update at every step
+# ($\Delta_t = A_t \Delta_{t-1} + F_t$; the iterative scan starts from the scan of
+# $F$ and only adds corrections to it), so a non-finite residual makes the update
+# non-finite. A generic Lineax solver need not: CG on the normal equations returns
+# zero for a NaN right-hand side.
+_SCANS = (
+    AutoScan,
+    ChunkedScan,
+    IterativeScan,
+    MatrixFreeScan,
+    ParallelScan,
+    SequentialScan,
+    ShardedScan,
 )
 
 
@@ -67,9 +87,10 @@ class AbstractNewton(AbstractRecurrenceSolver):
         operator = BlockBidiagonalOperator(blocks)
         update = lx.linear_solve(operator, residual, self.linear_solver, throw=False)
         new_y = y - update.value
-        # A non-finite residual or block makes the update, and so `new_y`,
-        # non-finite: the scan carries it forward.
         diffsize, finite = self.scaled_size_and_finite(y, update.value, new_y)
+        if not isinstance(self.linear_solver, _SCANS):
+            # With a scan a non-finite residual already makes `new_y` non-finite.
+            finite = finite & all_finite(residual)
         new_state = IterationState(
             step=state.step + 1,
             diffsize=diffsize,
