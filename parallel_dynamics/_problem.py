@@ -10,8 +10,6 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Inexact, PyTree
 
-from ._operator import shift_forward
-
 
 # Intermediates of one step, in multiples of the state size D (a GRU has about 10).
 STEP_WIDTH = 16
@@ -179,7 +177,11 @@ class Recurrence(eqx.Module):
 
     def previous(self, trajectory: Inexact[Array, "T D"]) -> Inexact[Array, "T D"]:
         """$(y_0, y_1, \\dots, y_{T-1})$."""
-        return shift_forward(trajectory).at[0].set(self.y0)
+        # Not `shift_forward(trajectory).at[0].set(y0)`: on a trajectory sharded along
+        # time, XLA:CPU (jax 0.10.2, emulated devices) compiled that to zeros at the
+        # first step of every shard but the first for D = 1, 2, 3, 5 (not 4 or 8).
+        y0 = self.y0.astype(trajectory.dtype)[None]
+        return jnp.concatenate([y0, trajectory[:-1]], axis=0)
 
     def evaluate(self, previous: Inexact[Array, "T D"]) -> Inexact[Array, "T D"]:
         """$f(y_{t-1}, x_t)$ for every $t$, in one `vmap`."""

@@ -120,12 +120,38 @@ _SCRIPT = textwrap.dedent(
             sol = pdyn.solve(step, pdyn.DEER(linear_solver=scan), y0, xs_sharded, w)
             out["solve_throw"] = err(sol.value, ref)
 
+    # 2b. D = 3: `Recurrence.previous` as `shift_forward(y).at[0].set(y0)` came out
+    # zero at the first step of every shard but the first on these emulated devices
+    # (for D = 1, 2, 3, 5; not for D = 4 or 8), so every solve converged to a wrong
+    # trajectory with `successful`.
+    D3 = 3
+    w3 = 0.5 * jax.random.normal(keys[2], (D3, D3))
+    y3 = 0.1 * jnp.ones(D3)
+    xs3 = jax.random.normal(keys[3], (32, D3))
+    ref3 = pdyn.solve(step, pdyn.Sequential(), y3, xs3, w3).value
+    for name, solver in (
+        ("deer", pdyn.DEER(linear_solver=scan)),
+        ("quasi", pdyn.QuasiDEER(linear_solver=scan)),
+    ):
+        sol = pdyn.solve(step, solver, y3, place(xs3), w3, throw=False)
+        out[f"solve_d3/{name}"] = err(sol.value, ref3)
+        out[f"solve_d3_result/{name}"] = int(sol.result._value)
+
     # 3. Gradients through the implicit adjoint, whose reverse scan is sharded too.
     def loss(w, xs, y0, solver, adjoint):
         sol = pdyn.solve(step, solver, y0, xs, w, adjoint=adjoint, throw=False)
         return jnp.sum(jnp.sin(sol.value))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
+    g_ref = grad(w3, xs3, y3, pdyn.Sequential(), pdyn.ImplicitAdjoint())
+    g = grad(
+        w3,
+        place(xs3),
+        y3,
+        pdyn.QuasiDEER(linear_solver=scan),
+        pdyn.ImplicitAdjoint(linear_solver=scan),
+    )
+    out["grad_d3"] = max(err(a, b) for a, b in zip(g, g_ref))
     for T in (32, 30):
         xs = jax.random.normal(keys[3], (T, D))
         g_ref = grad(w, xs, y0, pdyn.Sequential(), pdyn.ImplicitAdjoint())
@@ -335,6 +361,16 @@ def test_linear_solve_sharded_along_time(results, structure, lower):
 def test_solve_matches_single_device(results, length, solver):
     assert results[f"solve_result/{length}/{solver}"] == 0
     assert results[f"solve/{length}/{solver}"] < 1e-10
+
+
+@pytest.mark.parametrize("solver", ["deer", "quasi"])
+def test_solve_with_three_state_components_matches_single_device(results, solver):
+    assert results[f"solve_d3_result/{solver}"] == 0
+    assert results[f"solve_d3/{solver}"] < 1e-10
+
+
+def test_gradients_with_three_state_components_match_single_device(results):
+    assert results["grad_d3"] < 1e-10
 
 
 def test_solve_with_throw_matches_single_device(results):
