@@ -99,9 +99,10 @@ def _step_and_diagonal(recurrence: Recurrence, y: Array, x: PyTree):
     gather. (The same slicing for $k \\times k$ blocks made XLA form the whole
     Jacobian, so the blocks keep the gather.)
     """
-    value, linear = jax.linearize(lambda _y: recurrence.step_at(_y, x), y)
+    value, columns = _step_and_restricted_products(
+        recurrence, y, x, lambda column, j: column
+    )
     size = y.shape[0]
-    columns = jax.vmap(linear)(jnp.eye(size, dtype=y.dtype))
     return value, columns.reshape(size * size)[:: size + 1]
 
 

@@ -249,16 +249,21 @@ def test_stopping_rule_is_not_fooled_by_a_blown_up_iterate():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("shape", [(1,), (7, 1), (13, 4), (1000, 16), (3, 2, 5)])
-def test_max_abs_is_the_max_norm(shape, dtype):
-    from parallel_dynamics._solver.base import max_abs
+@pytest.mark.parametrize("shape", [(7, 1), (13, 4), (1000, 16), (20, 32)])
+def test_rowwise_max_abs_is_the_max_norm(shape, dtype):
+    from parallel_dynamics._solver.base import _rowwise, _rowwise_max_abs
 
     x = jr.normal(jr.key(sum(shape)), shape, dtype)
+    assert _rowwise(x)
     for values in (x, -jnp.abs(x) - 1, jnp.abs(x)):
-        got = jax.jit(max_abs)(values)
+        got = jax.jit(lambda v: _rowwise_max_abs(v)[0])(values)
         assert got.dtype == values.dtype
         assert got == optx.max_norm(values)
-    assert max_abs(jnp.zeros((0, 3), dtype)) == 0
+    # Empty, wider or not (T, D): the stopping test uses the norm itself.
+    for other in ((0, 3), (20, 33), (3, 2, 5), (4,)):
+        assert not _rowwise(jnp.zeros(other, dtype))
+    solver = pdyn.QuasiDEER()
+    assert solver.scaled_size(jnp.zeros((0, 3), dtype), jnp.zeros((0, 3), dtype)) == 0
 
 
 @pytest.mark.parametrize("size", [3, 40])  # the row-wise CPU path and the other one

@@ -186,14 +186,6 @@ def _rowwise_max_abs(
     return jnp.max(rows), jnp.all(finite)
 
 
-def max_abs(x: Array) -> Scalar:
-    """$\\max_i |x_i|$, the value of `optimistix.max_norm(x)`, computed row by row
-    for narrow `(T, D)` arrays (see `_rowwise_max_abs`)."""
-    if not _rowwise(x):
-        return optx.max_norm(x)
-    return _rowwise_max_abs(x)[0]
-
-
 def converged(
     num_updates: Int[Array, ""],
     diffsize: Scalar,

@@ -17,8 +17,7 @@ from .._jacobian import (
 )
 from .._linear_solver.iterative import IterativeScan
 from .._linear_solver.matrix_free import MatrixFreeScan
-from .._linear_solver.scan import AutoScan, ChunkedScan, ParallelScan, SequentialScan
-from .._linear_solver.sharded import ShardedScan
+from .._linear_solver.scan import AbstractScanSolver, AutoScan
 from .._operator import BlockBidiagonalOperator
 from .base import (
     AbstractRecurrenceSolver,
@@ -29,20 +28,13 @@ from .base import (
 )
 
 
-# The library's scans add the residual into the update at every step
-# ($\Delta_t = A_t \Delta_{t-1} + F_t$; the iterative scan starts from the scan of
-# $F$ and only adds corrections to it), so a non-finite residual makes the update
-# non-finite. A generic Lineax solver need not: CG on the normal equations returns
-# zero for a NaN right-hand side.
-_SCANS = (
-    AutoScan,
-    ChunkedScan,
-    IterativeScan,
-    MatrixFreeScan,
-    ParallelScan,
-    SequentialScan,
-    ShardedScan,
-)
+# The library's scans (every `AbstractScanSolver`: parallel, sequential, chunked,
+# automatic, sharded; and the iterative and matrix-free ones) add the residual into
+# the update at every step ($\Delta_t = A_t \Delta_{t-1} + F_t$; the iterative scan
+# starts from the scan of $F$ and only adds corrections to it), so a non-finite
+# residual makes the update non-finite. A generic Lineax solver need not: CG on the
+# normal equations returns zero for a NaN right-hand side.
+_SCANS = (AbstractScanSolver, IterativeScan, MatrixFreeScan)
 
 
 class AbstractNewton(AbstractRecurrenceSolver):
