@@ -618,6 +618,15 @@ def _accelerator_runs() -> list[str]:
             "1e-4 error target) and times each function on its own (their "
             "timings are steady).",
             "",
+            "What can be checked without an accelerator is checked: "
+            "`tests/test_accelerator_paths.py` makes `jax.default_backend` report "
+            "a GPU, so that every choice the library makes by backend takes its "
+            "accelerator branch (the chunked scans with L = 8, the matrix-free "
+            "adjoint's chunks, ELK's parallel dense smoother, the general "
+            "stopping-test norm), and compares solves, gradients and an ODE solve "
+            "with `lax.scan` and Diffrax on the CPU. It checks their results, not "
+            "their speed.",
+            "",
         ]
     size, length, speedup = ACCELERATOR_TARGET
     for stem, results in runs:
