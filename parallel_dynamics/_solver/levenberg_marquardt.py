@@ -130,8 +130,9 @@ def _take(x: Array, index, *, sharded: bool) -> Array:
 
 
 def first_unconverged(defect: Array) -> Int[Array, ""]:
-    """The first time index whose scaled defect is not below one ($T$ if none is)."""
-    bad = jnp.max(defect, axis=1) >= 1
+    """The first time index whose scaled defect is not below one ($T$ if none is).
+    A NaN defect is not below one."""
+    bad = ~(jnp.max(defect, axis=1) < 1)
     return jnp.where(jnp.any(bad), jnp.argmax(bad), bad.shape[0])
 
 
@@ -211,9 +212,11 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         return 2 * length + 10
 
     def defect(self, y: Array, residual: Array) -> Array:
-        """The componentwise residual relative to the tolerance."""
+        """The componentwise residual relative to the tolerance; zero where the
+        residual is zero, also where the tolerance is (`atol = 0` and $y = 0$)."""
         rtol, atol = self.tolerances(y.dtype)
-        return jnp.abs(residual) / (atol + rtol * jnp.abs(y))
+        magnitude = jnp.abs(residual)
+        return jnp.where(magnitude == 0, 0, magnitude / (atol + rtol * jnp.abs(y)))
 
     def step(self, fn, y, args, options, state: _LevenbergMarquardtState, tags):
         del fn, options, tags
