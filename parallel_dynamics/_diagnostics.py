@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree
+
+from ._validation import check_state, check_step_output, static_int
 
 
 def _leading_length(tree: PyTree, name: str) -> int:
@@ -69,9 +72,11 @@ def lyapunov_exponent(
     **Arguments:**
 
     - `step`: the step map, called as `step(y_prev, x_t, args)` and returning the
-        next state with the same PyTree structure as `y0`.
-    - `y0`: the initial state, any PyTree of floating-point arrays. It is flattened
-        (with `jax.flatten_util.ravel_pytree`) to a vector of size $D$.
+        next state with the PyTree structure and shapes of `y0` (its dtypes are cast
+        to those of `y0`).
+    - `y0`: the initial state, any PyTree of float32 or float64 arrays (or Python
+        floats). It is flattened (with `jax.flatten_util.ravel_pytree`) to a vector of
+        size $D$.
     - `inputs`: the inputs $x_1, \dots, x_T$ as a PyTree whose leaves all have a
         leading time axis of length $T$, or `None` (then `step` receives `None` as
         `x_t` and `length` must be given).
@@ -83,6 +88,11 @@ def lyapunov_exponent(
         given, the trajectory is not recomputed; the Jacobians are evaluated at
         $(y_{t-1}, x_t)$ with $y_0$ = `y0` and $y_{t-1}$ taken from `trajectory`.
     - `num_exponents`: how many exponents $k$ to estimate, $1 \le k \le D$.
+
+    Wrong arguments (a state that is not a PyTree of float32 or float64 arrays, a step
+    whose output differs from `y0` in structure or shape, a `trajectory` with another
+    layout, conflicting lengths, ...) raise a `TypeError` or `ValueError` naming the
+    argument.
 
     **Returns:**
 
@@ -107,21 +117,28 @@ def lyapunov_exponent(
         # ≈ [log(0.9), log(0.5)] = [-0.105, -0.693]
         ```
     """
+    if not callable(step):
+        raise TypeError(f"`step` must be callable, got {type(step).__name__}.")
+    # Python scalars are accepted as leaves; `ravel_pytree` would also promote integer
+    # leaves into the flat state, where their derivative vanishes.
+    y0 = jtu.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, (int, float)) else x, y0
+    )
+    check_state(y0)
     flat_y0, unravel = ravel_pytree(y0)
-    if not jnp.issubdtype(flat_y0.dtype, jnp.floating):
-        raise ValueError("`y0` must be a PyTree of floating-point arrays.")
     dim = flat_y0.shape[0]
-    if (
-        isinstance(num_exponents, bool)
-        or not isinstance(num_exponents, int)
-        or not 1 <= num_exponents <= dim
-    ):
+    try:
+        count = static_int("num_exponents", num_exponents)
+    except TypeError:
+        count = None
+    if count is None or not 1 <= count <= dim:
         raise ValueError(
             f"`num_exponents` must be an integer in [1, D] = [1, {dim}]; "
             f"got {num_exponents!r}."
         )
+    num_exponents = count
 
-    num_steps = length
+    num_steps = static_int("length", length)
     for name, tree in (("inputs", inputs), ("trajectory", trajectory)):
         if tree is None:
             continue
@@ -141,13 +158,24 @@ def lyapunov_exponent(
     if num_steps < 1:
         raise ValueError(f"`length` must be at least 1; got {num_steps}.")
 
+    out_struct = eqx.filter_eval_shape(
+        lambda y, x: step(y, jtu.tree_map(lambda leaf: leaf[0], x), args), y0, inputs
+    )
+    # The output is cast to the dtype of the state, so only the layout must match.
+    check_step_output(out_struct, y0, dtypes=False)
+    if trajectory is not None:
+        expected = jtu.tree_map(lambda x: (num_steps,) + jnp.shape(x), y0)
+        got = jtu.tree_map(jnp.shape, trajectory)
+        same_structure = jtu.tree_structure(expected) == jtu.tree_structure(got)
+        if not same_structure or jtu.tree_leaves(expected) != jtu.tree_leaves(got):
+            raise ValueError(
+                "`trajectory` must have the structure of `y0` with a leading time axis "
+                f"of length T = {num_steps}: expected shapes {expected}, got {got}."
+            )
+
     def flat_step(flat_y, x_t):
         y_next = step(unravel(flat_y), x_t, args)
         flat_next, _ = ravel_pytree(y_next)
-        if flat_next.shape != flat_y.shape:
-            raise ValueError(
-                "`step` must return a state with the same structure and size as `y0`."
-            )
         return flat_next.astype(flat_y.dtype)
 
     def with_aux(flat_y, x_t):
@@ -176,11 +204,6 @@ def lyapunov_exponent(
         )
     else:
         flat_traj = jax.vmap(lambda y: ravel_pytree(y)[0])(trajectory)
-        if flat_traj.shape != (num_steps, dim):
-            raise ValueError(
-                "`trajectory` must have the structure of `y0` with a leading time axis "
-                f"of length T = {num_steps}."
-            )
         flat_prev = jnp.concatenate(
             [flat_y0[None], flat_traj[:-1].astype(flat_y0.dtype)], axis=0
         )

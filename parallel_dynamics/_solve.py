@@ -13,59 +13,7 @@ from ._adjoint import ImplicitAdjoint
 from ._linear_solver.sharded import time_mesh
 from ._problem import Recurrence, recurrence_residual, StateLayout
 from ._solver import AbstractNewton, AbstractRecurrenceSolver
-
-
-def _check_state(y0: PyTree) -> None:
-    leaves = jtu.tree_leaves(y0)
-    if len(leaves) == 0:
-        raise ValueError("`y0` must contain at least one array.")
-    for path, leaf in jtu.tree_leaves_with_path(y0):
-        where = jtu.keystr(path) or "(the root)"
-        if not eqx.is_array(leaf):
-            raise TypeError(
-                f"Every leaf of `y0` must be a JAX or NumPy array; the leaf at {where} "
-                f"is a {type(leaf).__name__}. Wrap scalars with `jnp.asarray`."
-            )
-        dtype = leaf.dtype
-        if jnp.issubdtype(dtype, jnp.complexfloating):
-            raise TypeError(
-                f"Complex states are not supported: the leaf of `y0` at {where} has "
-                f"dtype {dtype}. Split it into real and imaginary parts."
-            )
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(
-                f"Every leaf of `y0` must have a floating dtype; the leaf at {where} "
-                f"has dtype {dtype}."
-            )
-        if jnp.finfo(dtype).bits < 32:
-            raise TypeError(
-                f"Half-precision states are not supported: the leaf of `y0` at {where} "
-                f"has dtype {dtype}. The default tolerances and the scans need at "
-                "least float32: solve in float32 and cast the result."
-            )
-
-
-def _static_int(name: str, value) -> int | None:
-    """`value` as a Python int (or `None`); NumPy and concrete JAX integer scalars are
-    accepted, traced values are not (the value fixes shapes or the iteration limit)."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be a Python int, got the bool {value!r}.")
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"`{name}` must be a static Python int, got a traced value ({value}). "
-            "Inside `jax.jit`, compute it from shapes or mark it static."
-        )
-    if (
-        eqx.is_array(value)
-        and jnp.ndim(value) == 0
-        and jnp.issubdtype(jnp.result_type(value), jnp.integer)
-    ):
-        return int(value)
-    raise TypeError(f"`{name}` must be a Python int, got {value!r}.")
+from ._validation import check_state, check_step_output, describe, static_int
 
 
 def _sequence_length(inputs: PyTree, length: int | None) -> int:
@@ -106,40 +54,6 @@ def _sequence_length(inputs: PyTree, length: int | None) -> int:
     return length
 
 
-def _describe(struct: PyTree) -> str:
-    return str(jtu.tree_map(lambda s: f"{s.dtype}{list(s.shape)}", struct))
-
-
-def _check_step_output(out_struct: PyTree, y0: PyTree) -> None:
-    for path, leaf in jtu.tree_leaves_with_path(out_struct):
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            where = jtu.keystr(path) or "(the root)"
-            raise TypeError(
-                "`step` must return a PyTree of arrays with the structure, shapes and "
-                f"dtypes of `y0`; the leaf at {where} of its output is a "
-                f"{type(leaf).__name__} ({leaf!r}). Wrap constants with `jnp.asarray` "
-                "and the dtype of `y0`."
-            )
-    y0_struct = jax.eval_shape(lambda: y0)
-    if jtu.tree_structure(out_struct) != jtu.tree_structure(y0_struct):
-        raise ValueError(
-            "`step` must return a PyTree with the structure of `y0`; got "
-            f"{_describe(out_struct)} for `y0` = {_describe(y0_struct)}."
-        )
-    for out, ref in zip(jtu.tree_leaves(out_struct), jtu.tree_leaves(y0_struct)):
-        if out.shape != ref.shape:
-            raise ValueError(
-                "`step` must return arrays with the shapes of `y0`; got "
-                f"{_describe(out_struct)} for `y0` = {_describe(y0_struct)}."
-            )
-        if out.dtype != ref.dtype:
-            raise TypeError(
-                "`step` must return arrays with the dtypes of `y0` (a float32 state "
-                "must stay float32, also under `jax_enable_x64`); got "
-                f"{_describe(out_struct)} for `y0` = {_describe(y0_struct)}."
-            )
-
-
 def _initial_guess(init: PyTree | None, y0: PyTree, layout: StateLayout, length: int):
     flat_y0 = layout.flatten(y0)
     if init is None:
@@ -152,7 +66,7 @@ def _initial_guess(init: PyTree | None, y0: PyTree, layout: StateLayout, length:
             where = jtu.keystr(path) or "(the root)"
             raise TypeError(
                 "`init` must be a PyTree of arrays laid out like the solution "
-                f"({_describe(expected)}); the leaf at {where} is a "
+                f"({describe(expected)}); the leaf at {where} is a "
                 f"{type(leaf).__name__}."
             )
     got = jax.eval_shape(lambda: init)
@@ -162,8 +76,8 @@ def _initial_guess(init: PyTree | None, y0: PyTree, layout: StateLayout, length:
     ):
         raise ValueError(
             "`init` must have the layout of the solution (the structure of `y0` with a "
-            f"leading time axis of length {length}): expected {_describe(expected)}, "
-            f"got {_describe(got)}."
+            f"leading time axis of length {length}): expected {describe(expected)}, "
+            f"got {describe(got)}."
         )
     return jax.lax.stop_gradient(layout.flatten_trajectory(init))
 
@@ -264,9 +178,9 @@ def solve(
         y0,
         inputs,
         args,
-        length=_static_int("length", length),
+        length=static_int("length", length),
         init=init,
-        max_steps=_static_int("max_steps", max_steps),
+        max_steps=static_int("max_steps", max_steps),
         adjoint=adjoint,
         throw=bool(throw),
     )
@@ -307,16 +221,24 @@ def _solve(
         )
     if not callable(step):
         raise TypeError(f"`step` must be callable, got {type(step).__name__}.")
-    _check_state(y0)
+    check_state(y0)
     length = _sequence_length(inputs, length)
     if max_steps is None:
         max_steps = solver.default_max_steps(length)
     elif max_steps < 1:
         raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")
+    largest = np.iinfo(jax.dtypes.canonicalize_dtype(np.int64)).max
+    if max_steps > largest:
+        # Beyond the iteration counter's range JAX raises an OverflowError naming no
+        # argument.
+        raise ValueError(
+            f"`max_steps` must be at most {largest} (the largest value of the "
+            f"iteration counter's dtype), got {max_steps}."
+        )
 
     x_struct = jax.eval_shape(lambda: jtu.tree_map(lambda x: x[0], inputs))
     closed_step = eqx.filter_closure_convert(step, y0, x_struct, args)
-    _check_step_output(closed_step.out_struct, y0)  # pyright: ignore
+    check_step_output(closed_step.out_struct, y0)  # pyright: ignore
 
     layout = StateLayout.of(y0)
     guess = _initial_guess(init, y0, layout, length)

@@ -120,3 +120,61 @@ def test_errors():
         lyapunov_exponent(linear_step, y0, args=jnp.eye(3), length=5, num_exponents=0)
     with pytest.raises(ValueError, match="`inputs`"):
         lyapunov_exponent(linear_step, y0, jnp.zeros((4, 3)), jnp.eye(3), length=5)
+
+
+def test_state_leaves_must_be_floating_arrays_of_at_least_32_bits():
+    # An integer leaf was promoted into the flat state by `ravel_pytree` and cast back
+    # for the step, so its Jacobian column was zero: an exponent of -inf, no error.
+    def step(y, x, args):
+        return 2.0 * y[0], y[1] + 1
+
+    with pytest.raises(TypeError, match=r"`y0`.*\[1\].*int"):
+        lyapunov_exponent(step, (jnp.ones(2), jnp.array(1)), length=5)
+    with pytest.raises(TypeError, match=r"Half.*`y0`"):
+        lyapunov_exponent(
+            linear_step, jnp.ones(2, jnp.float16), None, jnp.eye(2), length=5
+        )
+    with pytest.raises(TypeError, match=r"Complex.*`y0`"):
+        lyapunov_exponent(linear_step, jnp.ones(2, complex), None, jnp.eye(2), length=5)
+    # Python floats are still accepted as scalar leaves.
+    lle = lyapunov_exponent(lambda y, x, a: 0.5 * y, 1.0, length=5)
+    assert float(lle) == pytest.approx(np.log(0.5))
+
+
+def test_step_output_and_trajectory_must_have_the_layout_of_the_state():
+    # Leaves of shapes (2,) and (1,) returned as (1,) and (2,): the same flat size, so
+    # `ravel_pytree` silently permuted the state and the exponent came out wrong.
+    def swapped(y, x, args):
+        return 0.5 * y[1], 2.0 * y[0]
+
+    y0 = (jnp.ones(2), jnp.ones(1))
+    with pytest.raises(ValueError, match=r"`step`.*shapes"):
+        lyapunov_exponent(swapped, y0, length=5)
+    with pytest.raises(ValueError, match=r"`step`.*structure"):
+        lyapunov_exponent(lambda y, x, a: (y[:1], y[1:]), jnp.ones(2), length=5)
+    with pytest.raises(TypeError, match=r"`step` must be callable"):
+        lyapunov_exponent(3, jnp.ones(2), length=5)
+    M = jnp.eye(2)
+    traj = (jnp.zeros((5, 1)), jnp.zeros((5, 1)))
+    with pytest.raises(ValueError, match=r"`trajectory`"):
+        lyapunov_exponent(linear_step, jnp.ones(2), None, M, trajectory=traj)
+    # A trajectory in another floating dtype is cast, as documented.
+    lle = lyapunov_exponent(
+        linear_step, jnp.ones(2), None, 2 * M, trajectory=jnp.zeros((5, 2), jnp.float32)
+    )
+    assert float(lle) == pytest.approx(np.log(2.0))
+
+
+def test_integer_arguments():
+    M = jnp.diag(jnp.array([2.0, 0.5]))
+    lles = lyapunov_exponent(
+        linear_step, jnp.ones(2), None, M, length=np.int64(4), num_exponents=np.int32(2)
+    )
+    np.testing.assert_allclose(lles, np.log([2.0, 0.5]), rtol=1e-12)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="`length`"):
+            lyapunov_exponent(linear_step, jnp.ones(2), None, M, length=bad)
+        with pytest.raises(ValueError, match="`num_exponents`"):
+            lyapunov_exponent(
+                linear_step, jnp.ones(2), None, M, length=3, num_exponents=bad
+            )
