@@ -38,3 +38,49 @@ def test_zero_atol_with_a_component_that_stays_zero(solver):
     assert sol.result == optx.RESULTS.successful
     np.testing.assert_allclose(sol.value, expected, rtol=1e-7, atol=0)
     assert int(sol.stats["num_steps"]) <= sol.stats["max_steps"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pdyn.AdaptiveDamping(max_damping=0.0),
+        lambda: pdyn.AdaptiveDamping(max_damping=-1.0),
+        lambda: pdyn.AdaptiveDamping(max_damping=float("inf")),
+        lambda: pdyn.AdaptiveDamping(initial=10.0, max_damping=1.0),
+        lambda: pdyn.AdaptiveDamping(initial=float("inf")),
+        lambda: pdyn.AdaptiveDamping(initial=float("nan")),
+        lambda: pdyn.FixedDamping(float("inf")),
+    ],
+    ids=[
+        "max0",
+        "max_negative",
+        "max_inf",
+        "max_below_initial",
+        "initial_inf",
+        "initial_nan",
+        "fixed_inf",
+    ],
+)
+def test_bad_damping_arguments_raise(make):
+    # A negative or zero `max_damping` used to be accepted and clipped the damping to
+    # it (a negative damping makes the Kalman weights 1 / (1 + λ) blow up); an
+    # infinite damping makes them NaN.
+    with pytest.raises(ValueError, match="damping|initial"):
+        make()
+
+
+@pytest.mark.parametrize("cls", [pdyn.KalmanSmoother, pdyn.KalmanFilter])
+@pytest.mark.parametrize("radix", [1, 0, 2.5])
+def test_bad_radix_raises_at_construction(cls, radix):
+    # It used to be checked only by the parallel smoothers, with a message naming an
+    # internal function, and ignored where the sequential smoother was chosen.
+    with pytest.raises(ValueError, match="`radix`"):
+        cls(radix=radix)
+
+
+def test_empty_state():
+    # A state with no components (D = 0), which pdyn.DEER solves: the row maxima of
+    # the defects used to fail at trace time on a zero-size reduction.
+    sol = pdyn.solve(lambda y, x, args: 2 * y, pdyn.ELK(), jnp.zeros(0), length=3)
+    assert sol.result == optx.RESULTS.successful
+    assert sol.value.shape == (3, 0)

@@ -182,6 +182,11 @@ class _AbstractKalmanSolver(lx.AbstractLinearSolver):
     smooth: eqx.AbstractClassVar[bool]
 
     def __check_init__(self):
+        radix = self.radix
+        if radix is not None and (
+            isinstance(radix, bool) or not isinstance(radix, int) or radix < 2
+        ):
+            raise ValueError(f"`radix` must be None or an int >= 2, got {radix!r}.")
         if self.mesh is not None:
             check_mesh(self.mesh, self.axis_name)
 

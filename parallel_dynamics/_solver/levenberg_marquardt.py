@@ -54,8 +54,10 @@ class FixedDamping(AbstractDamping):
     damping: float
 
     def __check_init__(self):
-        if not self.damping > 0:
-            raise ValueError(f"`damping` must be positive, got {self.damping}.")
+        if not 0 < self.damping < np.inf:
+            raise ValueError(
+                f"`damping` must be positive and finite, got {self.damping}."
+            )
 
     def init(self, dtype):
         return jnp.array(self.damping, dtype), jnp.array(1.0, dtype)
@@ -78,8 +80,17 @@ class AdaptiveDamping(AbstractDamping):
     max_damping: float = 1e16
 
     def __check_init__(self):
-        if not self.initial > 0:
-            raise ValueError(f"`initial` must be positive, got {self.initial}.")
+        if not 0 < self.initial < np.inf:
+            raise ValueError(
+                f"`initial` must be positive and finite, got {self.initial}."
+            )
+        # The damping is clipped to `max_damping`: a negative or infinite one makes
+        # the Kalman weights 1 / (1 + λ) and λ / (1 + λ) infinite or NaN.
+        if not self.initial <= self.max_damping < np.inf:
+            raise ValueError(
+                "`max_damping` must be finite and at least `initial` "
+                f"({self.initial}), got {self.max_damping}."
+            )
         if not 0 <= self.accept_ratio < 1:
             raise ValueError(
                 f"`accept_ratio` must lie in [0, 1), got {self.accept_ratio}."
@@ -132,7 +143,7 @@ def _take(x: Array, index, *, sharded: bool) -> Array:
 def first_unconverged(defect: Array) -> Int[Array, ""]:
     """The first time index whose scaled defect is not below one ($T$ if none is).
     A NaN defect is not below one."""
-    bad = ~(jnp.max(defect, axis=1) < 1)
+    bad = ~(jnp.max(defect, axis=1, initial=0) < 1)
     return jnp.where(jnp.any(bad), jnp.argmax(bad), bad.shape[0])
 
 
@@ -311,7 +322,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         new_y = jnp.where(keep[:, None], trial, y)
         # The error estimate of Hairer & Wanner over consecutive (quasi-)Newton steps,
         # as for DEER and quasi-DEER.
-        diffsize = jnp.max(self.defect(y, update))
+        diffsize = jnp.max(self.defect(y, update), initial=0)
         newton_steps = jnp.where(newton & accept, state.newton_steps + 1, 0)
         converged = (
             newton
