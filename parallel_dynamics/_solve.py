@@ -137,7 +137,10 @@ def solve(
         `optimistix.root_find` does. If `False`, the failure is reported in
         `sol.result` and `sol.value` holds the last finite iterate (for
         `pdyn.Sequential`, which has no iterates, the sequential trajectory as
-        computed, non-finite from the first failing step on). Keyword only.
+        computed, non-finite from the first failing step on). An implicit adjoint
+        then differentiates that trajectory as if it solved the recurrence: its
+        derivatives are those of the sequential loop only where the trajectory is
+        exact, so check `sol.result` before using them. Keyword only.
 
     **Returns:**
 
@@ -169,7 +172,23 @@ def solve(
         ```
     """
     # The static arguments are normalised before `jit` sees them: NumPy integers
-    # would otherwise be traced.
+    # would otherwise be traced. So are the solver's tolerances checked: array
+    # tolerances are traced inside it.
+    if isinstance(solver, type):
+        raise TypeError(
+            f"`solver` must be a solver instance, got the class `{solver.__name__}`: "
+            f"construct one, e.g. `{solver.__name__}()`."
+        )
+    if not isinstance(solver, AbstractRecurrenceSolver):
+        cls = type(solver)
+        raise TypeError(
+            "`solver` must be a recurrence solver (a "
+            "`parallel_dynamics.AbstractRecurrenceSolver` such as `pdyn.DEER()`, "
+            "`pdyn.QuasiDEER()`, `pdyn.ELK()` or `pdyn.Sequential()`), got "
+            f"`{cls.__module__.split('.')[0]}.{cls.__name__}`. Generic Optimistix "
+            "root finders do not exploit the structure of the recurrence."
+        )
+    solver.check_tolerances()
     if not isinstance(throw, (bool, np.bool_)):
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
     return _solve(
@@ -200,21 +219,6 @@ def _solve(
     adjoint: optx.AbstractAdjoint,
     throw: bool,
 ) -> optx.Solution:
-    if isinstance(solver, type):
-        raise TypeError(
-            f"`solver` must be a solver instance, got the class `{solver.__name__}`: "
-            f"construct one, e.g. `{solver.__name__}()`."
-        )
-    if not isinstance(solver, AbstractRecurrenceSolver):
-        cls = type(solver)
-        raise TypeError(
-            "`solver` must be a recurrence solver (a "
-            "`parallel_dynamics.AbstractRecurrenceSolver` such as `pdyn.DEER()`, "
-            "`pdyn.QuasiDEER()`, `pdyn.ELK()` or `pdyn.Sequential()`), got "
-            f"`{cls.__module__.split('.')[0]}.{cls.__name__}`. Generic Optimistix "
-            "root finders do not exploit the structure of the recurrence."
-        )
-    solver.check_tolerances()
     if not isinstance(adjoint, optx.AbstractAdjoint):
         raise TypeError(
             f"`adjoint` must be an `optimistix.AbstractAdjoint`, got {adjoint!r}."

@@ -223,6 +223,37 @@ def test_integer_options_accept_numpy_integers():
     assert pdyn.MatrixFreeScan(np.int32(4)).chunk_size == 4
 
 
+TOLERANCE_SOLVERS = [
+    lambda r: pdyn.DEER(rtol=r, atol=r),
+    lambda r: pdyn.QuasiDEER(rtol=r, atol=r),
+    lambda r: pdyn.QuasiELK(rtol=r, atol=r),
+    lambda r: pdyn.Picard(rtol=r, atol=r),
+]
+
+
+@pytest.mark.parametrize("make", TOLERANCE_SOLVERS)
+def test_negative_array_tolerances_raise_naming_the_argument(make):
+    """Array tolerances are traced inside the solve's `jit`, where their check failed
+    with a `TracerBoolConversionError`: `solve` checks them before."""
+    for tolerance in (jnp.array(-1.0), np.float64(-1.0)):
+        with pytest.raises(ValueError, match="`rtol`"):
+            pdyn.solve(step, make(tolerance), Y0, XS)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="AbstractRecurrenceSolver.check_tolerances (_solver/base.py), called again "
+    "in the solvers' init, converts traced tolerances to bool",
+)
+@pytest.mark.parametrize("make", TOLERANCE_SOLVERS)
+def test_array_tolerances(make):
+    """Optimistix accepts array tolerances; so must the recurrence solvers."""
+    reference = pdyn.solve(step, pdyn.Sequential(), Y0, XS).value
+    for tolerance in (jnp.array(1e-10), np.float64(1e-10)):
+        value = pdyn.solve(step, make(tolerance), Y0, XS).value
+        np.testing.assert_allclose(value, reference, rtol=1e-8, atol=1e-8)
+
+
 def test_float32_state_promoted_to_float64_under_x64():
     """A strongly typed float64 constant promotes a float32 state; a Python float (a
     weak type) does not."""
