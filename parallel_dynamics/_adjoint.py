@@ -73,6 +73,20 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
 
     linear_solver: lx.AbstractLinearSolver | None = None
 
+    def __check_init__(self):
+        # Otherwise a wrong value only fails when the solve is differentiated.
+        solver = self.linear_solver
+        if solver is not None and not isinstance(solver, lx.AbstractLinearSolver):
+            hint = (
+                f": construct one, e.g. `{solver.__name__}()`"
+                if isinstance(solver, type)
+                else ""
+            )
+            raise TypeError(
+                "`linear_solver` must be a Lineax solver instance or `None`, got "
+                f"{solver!r}{hint}."
+            )
+
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         linear_solver = self.linear_solver
         if linear_solver is None:

@@ -219,6 +219,11 @@ def _solve(
     adjoint: optx.AbstractAdjoint,
     throw: bool,
 ) -> optx.Solution:
+    if isinstance(adjoint, type):
+        raise TypeError(
+            f"`adjoint` must be an adjoint instance, got the class "
+            f"`{adjoint.__name__}`: construct one, e.g. `{adjoint.__name__}()`."
+        )
     if not isinstance(adjoint, optx.AbstractAdjoint):
         raise TypeError(
             f"`adjoint` must be an `optimistix.AbstractAdjoint`, got {adjoint!r}."

@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import lineax as lx
 import numpy as np
 import optimistix as optx
 import pytest
@@ -295,8 +296,6 @@ def test_matrix_free_adjoint_is_exact_in_float32_on_a_long_weakly_contracting_gr
 
 
 def test_matrix_free_scan_as_a_lineax_solver():
-    import lineax as lx
-
     blocks = pdyn.DenseBlocks(0.5 * jr.normal(jr.key(0), (20, 3, 3)))
     operator = pdyn.BlockBidiagonalOperator(blocks)
     vector = jr.normal(jr.key(1), (20, 3))
@@ -330,3 +329,11 @@ def test_second_derivative(linear_solver):
     np.testing.assert_allclose(
         jax.hessian(parallel)(1.0), jax.hessian(sequential)(1.0), rtol=1e-8
     )
+
+
+@pytest.mark.parametrize("linear_solver", ["scan", pdyn.AutoScan, lx.LU])
+def test_adjoint_linear_solver_is_checked_at_construction(linear_solver):
+    # Not checked before: the solve ran, and only differentiating it failed, with an
+    # AttributeError or a TypeError about `init`'s arguments.
+    with pytest.raises(TypeError, match="`linear_solver`"):
+        pdyn.ImplicitAdjoint(linear_solver)

@@ -172,6 +172,11 @@ MATRIX = {
         "`block_size`.*D = 3",
     ),
     "adjoint None": (dict(adjoint=None), TypeError, "`adjoint`"),
+    "adjoint a class": (
+        dict(adjoint=pdyn.ImplicitAdjoint),
+        TypeError,
+        r"`adjoint`.*`ImplicitAdjoint\(\)`",
+    ),
 }
 
 
