@@ -315,3 +315,37 @@ def test_scaled_size_with_the_default_norm():
         optx.two_norm(update / (1e-4 + 1e-3 * jnp.abs(y))),
         rtol=1e-12,
     )
+
+
+@pytest.mark.parametrize("size", [3, 40])  # the row-wise CPU path and the other one
+def test_scaled_size_of_a_still_component_without_scale(size):
+    # `atol = 0` and a component of the trajectory that is exactly zero and does not
+    # move: its entry is 0 / 0, which must count as zero, not as NaN.
+    solver = pdyn.QuasiDEER(rtol=1e-3, atol=0.0)
+    y = 1 + jr.uniform(jr.key(0), (50, size))
+    update = jr.normal(jr.key(1), (50, size))
+    y, update = y.at[:, 1].set(0), update.at[:, 1].set(0)
+    others = jnp.delete(update, 1, axis=1) / (1e-3 * jnp.delete(y, 1, axis=1))
+    expected = optx.max_norm(others)
+    size_, finite = jax.jit(solver.scaled_size_and_finite)(y, update, y - update)
+    assert size_ == expected and bool(finite)
+    assert jax.jit(solver.scaled_size)(y, update) == expected
+    # A moving component without scale is infinitely far from converged.
+    assert jax.jit(solver.scaled_size)(y, update.at[3, 1].set(1e-30)) == jnp.inf
+
+
+@pytest.mark.parametrize("solver", [pdyn.DEER, pdyn.QuasiDEER])
+def test_zero_atol_with_a_component_that_stays_zero(solver):
+    # Such a component used to make the stopping test's norm NaN, and the solve ran
+    # all T iterations (correct by the prefix guarantee, but T times the work).
+    def step(y, x, args):
+        del args
+        return jnp.stack([jnp.tanh(0.5 * y[0]) + x[0], 0.5 * y[1]])
+
+    inputs = jnp.full((40, 1), 0.01)
+    y0 = jnp.zeros(2)
+    sol = pdyn.solve(step, solver(rtol=1e-8, atol=0.0), y0, inputs)
+    assert int(sol.stats["num_steps"]) < 20
+    np.testing.assert_allclose(
+        sol.value, scan_reference(step, y0, inputs, None), rtol=1e-7, atol=0
+    )

@@ -115,7 +115,9 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         return y, aux, {"residual_norm": final_residual}
 
     def scaled_size(self, y: Array, update: Array) -> Scalar:
-        """$\\lVert \\Delta / (\\text{atol} + \\text{rtol}\\,|Y|) \\rVert$."""
+        """$\\lVert \\Delta / (\\text{atol} + \\text{rtol}\\,|Y|) \\rVert$, each
+        entry zero where $\\Delta$ is (also where the scale is: `atol = 0` and a
+        component of $Y$ that is exactly zero)."""
         return self._scaled(y, update, None)[0]
 
     def scaled_size_and_finite(
@@ -130,7 +132,8 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
 
     def _scaled(self, y, update, new_y):
         rtol, atol = self.tolerances(y.dtype)
-        scaled = update / (atol + rtol * jnp.abs(y))
+        # 0 / 0 would be NaN: a component that neither moves nor has a scale.
+        scaled = jnp.where(update == 0, 0, update / (atol + rtol * jnp.abs(y)))
         if self.norm is optx.max_norm and on_cpu() and _rowwise(scaled):
             return _rowwise_max_abs(scaled, new_y)
         size = self.norm(scaled)
