@@ -101,7 +101,7 @@ class IterativeScan(lx.AbstractLinearSolver):
             )
         if isinstance(operator, BlockBidiagonalOperator) and not operator.lower:
             # Work with the lower operator and transpose the state.
-            state, _ = self.init(operator.transpose(), {})
+            state = self.init(operator.transpose(), {})
             return self.transpose(state, {})[0]
         operator = lx.linearise(operator)
         length, size = structure.shape
