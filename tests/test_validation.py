@@ -245,11 +245,6 @@ def test_negative_array_tolerances_raise_naming_the_argument(make):
             pdyn.solve(step, make(tolerance), Y0, XS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AbstractRecurrenceSolver.check_tolerances (_solver/base.py), called again "
-    "in the solvers' init, converts traced tolerances to bool",
-)
 @pytest.mark.parametrize("make", TOLERANCE_SOLVERS)
 def test_array_tolerances(make):
     """Optimistix accepts array tolerances; so must the recurrence solvers."""

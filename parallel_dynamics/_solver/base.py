@@ -76,9 +76,13 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         return rtol, atol
 
     def check_tolerances(self):
+        """Raises if `rtol` or `atol` is negative. Traced tolerances (under `jit` or
+        `vmap`) are not checked: `pdyn.solve` checks concrete ones before tracing."""
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
+            if value is None or isinstance(value, jax.core.Tracer):
+                continue
+            if not value >= 0:
                 raise ValueError(f"`{name}` must be non-negative, got {value}.")
 
     def init_state(self, y: Array) -> IterationState:
