@@ -3,27 +3,24 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
-from jaxtyping import Array, Inexact
+from jaxtyping import Array
 
 from ._blocks import AbstractBlocks, map_time, ZeroBlocks
 
 
-def shift_forward(vector: Inexact[Array, "T D"]) -> Inexact[Array, "T D"]:
-    """$(v_0 = 0, v_1, \\dots, v_{T-1})$: each step sees its predecessor."""
-    return jnp.concatenate([jnp.zeros_like(vector[:1]), vector[:-1]], axis=0)
-
-
-def shift_backward(vector: Inexact[Array, "T D"]) -> Inexact[Array, "T D"]:
-    """$(v_2, \\dots, v_T, v_{T+1} = 0)$: each step sees its successor."""
-    return jnp.concatenate([vector[1:], jnp.zeros_like(vector[:1])], axis=0)
+def shift_backward(x: Array) -> Array:
+    """$(x_2, \\dots, x_T, 0)$ along the leading (time) axis: each step sees its
+    successor."""
+    return jnp.concatenate([x[1:], jnp.zeros_like(x[:1])], axis=0)
 
 
 def successor_blocks(blocks: AbstractBlocks) -> AbstractBlocks:
     """The blocks $A_{t+1}^\\top$ at position $t$, as used by the transposed system.
 
-    Position $T$ gets $A_1^\\top$, which only ever multiplies $v_{T+1} = 0$.
+    Position $T$ gets a zero block: it only multiplies $v_{T+1} = 0$, and $A_1$, which
+    appears nowhere in the operator, may be non-finite (inf times 0 is NaN).
     """
-    return map_time(lambda x: jnp.roll(x, -1, axis=0), blocks.transpose())
+    return map_time(shift_backward, blocks.transpose())
 
 
 class BlockBidiagonalOperator(lx.AbstractLinearOperator):
@@ -73,9 +70,14 @@ class BlockBidiagonalOperator(lx.AbstractLinearOperator):
         return jax.ShapeDtypeStruct(matrices.shape[:2], matrices.dtype)
 
     def mv(self, vector):
+        # $A_1$ is left out rather than applied to $v_0 = 0$: it may be non-finite.
+        coupling = map_time(lambda x: x[1:], self.blocks)
+        zero = jnp.zeros_like(vector[:1])
         if self.lower:
-            return vector - self.blocks.apply(shift_forward(vector))
-        return vector - successor_blocks(self.blocks).apply(shift_backward(vector))
+            coupled = [zero, coupling.apply(vector[:-1])]
+        else:
+            coupled = [coupling.transpose().apply(vector[1:]), zero]
+        return vector - jnp.concatenate(coupled, axis=0)
 
     def as_matrix(self):
         matrices = self.blocks.as_matrices()

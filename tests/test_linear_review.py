@@ -34,3 +34,97 @@ def test_iterative_scan_solves_an_upper_operator(preconditioner):
     (got,) = vjp(cotangent)
     expected = _dense_solve(upper.T, cotangent)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+_SOLVERS = [
+    pdyn.ParallelScan(),
+    pdyn.SequentialScan(),
+    pdyn.ChunkedScan(),
+    pdyn.ChunkedScan(chunk_size=3),
+    pdyn.AutoScan(),
+    pdyn.MatrixFreeScan(),
+    pdyn.IterativeScan(),
+]
+
+
+def _boundary_blocks(kind):
+    """Blocks whose $A_1$ is infinite, e.g. the Jacobian of sqrt at $y_0 = 0$."""
+    if kind == "diagonal":
+        return pdyn.DiagonalBlocks(jnp.full((LENGTH, SIZE), 0.5).at[0].set(jnp.inf))
+    matrices = 0.4 * jr.normal(jr.key(3), (LENGTH, SIZE, SIZE))
+    return pdyn.DenseBlocks(matrices.at[0].set(jnp.inf))
+
+
+def _check_solves(operator, solvers):
+    b = jr.normal(jr.key(4), (LENGTH, SIZE))
+    expected = _dense_solve(operator, b)
+    for solver in solvers:
+        sol = lx.linear_solve(operator, b, solver, throw=False)
+        assert sol.result == lx.RESULTS.successful, solver
+        np.testing.assert_allclose(
+            sol.value, expected, rtol=1e-10, err_msg=repr(solver)
+        )
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "dense"])
+def test_first_block_never_matters(kind):
+    # $A_1$ multiplies $v_0 = 0$ and is absent from `as_matrix`. An infinite one made
+    # `mv` NaN at the first step, and every transposed solve NaN: the transposed
+    # scans applied $A_1^\top$ to $v_{T+1} = 0$ (inf * 0).
+    lower = pdyn.BlockBidiagonalOperator(_boundary_blocks(kind))
+    b = jr.normal(jr.key(5), (LENGTH, SIZE))
+    for operator in (lower, lower.T):
+        matrix = operator.as_matrix()
+        assert jnp.all(jnp.isfinite(matrix))
+        np.testing.assert_allclose(
+            operator.mv(b).reshape(-1), matrix @ b.reshape(-1), rtol=1e-12
+        )
+    _check_solves(lower.T, _SOLVERS)
+    _check_solves(lower, [pdyn.ParallelScan(), pdyn.IterativeScan()])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the forward sequential and chunked scans apply A_1 to v_0 = 0; masking "
+    "it costs a pass over the blocks in the hot loop (see the review report)",
+)
+def test_first_block_never_matters_forward_sequential_and_chunked():
+    lower = pdyn.BlockBidiagonalOperator(_boundary_blocks("diagonal"))
+    _check_solves(lower, [pdyn.SequentialScan(), pdyn.ChunkedScan(chunk_size=3)])
+
+
+@pytest.mark.parametrize(
+    "linear_solver",
+    [
+        pdyn.MatrixFreeScan(),
+        pdyn.MatrixFreeScan(chunk_size=2),
+        pdyn.AutoScan(),
+        pdyn.ParallelScan(),
+    ],
+    ids=repr,
+)
+def test_forward_mode_ignores_the_jacobian_at_y0(linear_solver):
+    # The tangent system's A_1 is the Jacobian of the step at y0, which multiplies
+    # the zero tangent v_0: with sqrt at y0 = 0 it is infinite, and the matrix-free
+    # scan (the default adjoint) and the blocks recovered from the Jacobian operator
+    # turned it into NaN, so `jax.jvp` raised.
+    def step(y, x, args):
+        return jnp.sqrt(y) + x
+
+    xs = jnp.linspace(1.0, 2.0, 2 * LENGTH).reshape(LENGTH, SIZE)
+    tangent = jnp.cos(xs)
+    adjoint = pdyn.ImplicitAdjoint(linear_solver)
+
+    def solve(xs):
+        return pdyn.solve(step, pdyn.Sequential(), jnp.zeros(SIZE), xs, adjoint=adjoint)
+
+    _, got = jax.jvp(lambda xs: solve(xs).value, (xs,), (tangent,))
+
+    # y_1 = x_1 exactly, then the recurrence: differentiate that by `lax.scan`.
+    def reference(first, rest):
+        body = lambda y, x: (step(y, x, None),) * 2
+        return jnp.concatenate([first[None], jax.lax.scan(body, first, rest)[1]])
+
+    _, expected = jax.jvp(reference, (xs[0], xs[1:]), (tangent[0], tangent[1:]))
+    assert jnp.all(jnp.isfinite(expected))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)

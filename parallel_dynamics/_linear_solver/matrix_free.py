@@ -217,7 +217,8 @@ class MatrixFreeScan(lx.AbstractLinearSolver):
         if lower:
             points = recurrence.previous(trajectory)
             xs = recurrence.inputs
-            coupled = jnp.ones(length, bool)
+            # A_1 only meets v_0 = 0, and may be non-finite (sqrt at y0 = 0).
+            coupled = jnp.arange(length) > 0
             apply = _tangent_apply(recurrence)
         else:
             points = trajectory

@@ -37,7 +37,9 @@ def dense_blocks_from_operator(operator: lx.AbstractLinearOperator) -> DenseBloc
     probes = jnp.broadcast_to(eye[:, None, :], (size, length, size))
     columns = jax.vmap(operator.mv)(probes)  # [j, t, i] = (L e_j)_t[i]
     matrices = eye - jnp.transpose(columns, (1, 2, 0))
-    return DenseBlocks(matrices)
+    # A_1 meets no probe and comes out zero, or NaN when the operator multiplies an
+    # infinite Jacobian by the zero v_0 (sqrt at y0 = 0).
+    return DenseBlocks(matrices.at[0].set(0))
 
 
 class AbstractScanSolver(lx.AbstractLinearSolver[_ScanState]):
