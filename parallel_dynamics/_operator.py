@@ -124,8 +124,17 @@ def _(operator):
 def _(operator):
     if not lx.is_tridiagonal(operator):
         raise ValueError("A `BlockBidiagonalOperator` is tridiagonal only when D = 1.")
-    matrix = operator.as_matrix()
-    return jnp.diag(matrix), jnp.diag(matrix, -1), jnp.diag(matrix, 1)
+    # From the blocks, not `as_matrix`: that would be (T D)^2 entries.
+    structure = operator.in_structure()
+    size = structure.shape[0] * structure.shape[1]
+    diagonal = jnp.ones(size, structure.dtype)
+    zeros = jnp.zeros(max(size - 1, 0), structure.dtype)
+    if _decoupled(operator):
+        return diagonal, zeros, zeros
+    coupling = -operator.blocks.as_matrices()[1:, 0, 0]  # D = 1
+    return (
+        (diagonal, coupling, zeros) if operator.lower else (diagonal, zeros, coupling)
+    )
 
 
 @lx.is_symmetric.register(BlockBidiagonalOperator)

@@ -128,3 +128,31 @@ def test_forward_mode_ignores_the_jacobian_at_y0(linear_solver):
     _, expected = jax.jvp(reference, (xs[0], xs[1:]), (tangent[0], tangent[1:]))
     assert jnp.all(jnp.isfinite(expected))
     np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_tridiagonal_does_not_materialise(lower):
+    # With D = 1 (or zero blocks) Lineax's automatic solver picks its tridiagonal
+    # solver, which calls `lx.tridiagonal`: that built the dense (T D)^2 matrix.
+    length = 4096
+    operator = pdyn.BlockBidiagonalOperator(
+        pdyn.DiagonalBlocks(jnp.linspace(-1.0, 1.0, length)[:, None]), lower=lower
+    )
+    jaxpr = jax.make_jaxpr(lx.tridiagonal)(operator)
+    largest = max(v.aval.size for eqn in jaxpr.eqns for v in eqn.outvars)
+    assert largest <= length
+    small = pdyn.BlockBidiagonalOperator(
+        pdyn.DiagonalBlocks(jnp.linspace(-1.0, 1.0, LENGTH)[:, None]), lower=lower
+    )
+    zero = pdyn.BlockBidiagonalOperator(
+        pdyn.ZeroBlocks(LENGTH, SIZE, np.dtype(jnp.float64)), lower=lower
+    )
+    for op in (small, zero):
+        matrix = op.as_matrix()
+        expected = (jnp.diag(matrix), jnp.diag(matrix, -1), jnp.diag(matrix, 1))
+        for got, want in zip(lx.tridiagonal(op), expected):
+            np.testing.assert_array_equal(got, want)
+    b = jr.normal(jr.key(6), (LENGTH, 1))
+    np.testing.assert_allclose(
+        lx.linear_solve(small, b).value, _dense_solve(small, b), rtol=1e-12
+    )
