@@ -156,3 +156,16 @@ def test_tridiagonal_does_not_materialise(lower):
     np.testing.assert_allclose(
         lx.linear_solve(small, b).value, _dense_solve(small, b), rtol=1e-12
     )
+
+
+def test_iterative_scan_on_a_complex_operator():
+    # Its stopping sizes are real, but the loop started them as complex infinities.
+    key1, key2, key3, key4 = jr.split(jr.key(7), 4)
+    shape = (LENGTH, SIZE)
+    a = 0.5 * (jr.normal(key1, shape) + 1j * jr.normal(key2, shape))
+    b = jr.normal(key3, shape) + 1j * jr.normal(key4, shape)
+    lower = pdyn.BlockBidiagonalOperator(pdyn.DiagonalBlocks(a))
+    for operator in (lower, lower.T):
+        sol = lx.linear_solve(operator, b, pdyn.IterativeScan())
+        assert sol.value.dtype == jnp.complex128
+        np.testing.assert_allclose(sol.value, _dense_solve(operator, b), rtol=1e-10)

@@ -158,7 +158,7 @@ class IterativeScan(lx.AbstractLinearSolver):
             return x, scaled(update, x), size, step + 1
 
         x0 = precondition(vector)
-        inf = jnp.array(jnp.inf, vector.dtype)
+        inf = jnp.array(jnp.inf, np.finfo(vector.dtype).dtype)  # real if complex
         x, size, size_prev, steps = lax.while_loop(
             cond, body, (x0, inf, inf, jnp.array(1))
         )
