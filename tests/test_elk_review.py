@@ -84,3 +84,36 @@ def test_empty_state():
     sol = pdyn.solve(lambda y, x, args: 2 * y, pdyn.ELK(), jnp.zeros(0), length=3)
     assert sol.result == optx.RESULTS.successful
     assert sol.value.shape == (3, 0)
+
+
+def _sqrt_step(y, x, args):
+    del args
+    return jnp.sqrt(y + x)
+
+
+@pytest.mark.parametrize("solver", [pdyn.ELK(), pdyn.QuasiELK()], ids=["elk", "qelk"])
+def test_step_undefined_at_the_initial_guess(solver):
+    # The trajectory is well defined (y_t + x_t > 0 all along), but the step is NaN
+    # at the default initial guess y_t = y0 from t = 6 on (0.1 - 0.2 < 0). ELK used
+    # to fail with RESULTS.nonfinite at the first iteration, like DEER; as the exact
+    # prefix grows, those residuals become finite and the solve succeeds.
+    T = 12
+    inputs = jnp.where(jnp.arange(T) < 5, 1.0, -0.2)[:, None]
+    y0 = jnp.full(1, 0.1)
+    expected = scan_reference(_sqrt_step, y0, inputs, None)
+    assert np.all(np.isfinite(np.asarray(expected)))
+    sol = pdyn.solve(_sqrt_step, solver, y0, inputs, throw=False)
+    assert sol.result == optx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", [pdyn.ELK(), pdyn.QuasiELK()], ids=["elk", "qelk"])
+def test_nonfinite_trajectory_still_fails_with_a_finite_iterate(solver):
+    # Here the recurrence's own trajectory is NaN from t = 7 on (y_6 + x_7 < 0).
+    T = 12
+    inputs = jnp.where(jnp.arange(T) < 5, 1.0, -1.5)[:, None]
+    y0 = jnp.full(1, 0.1)
+    assert np.isnan(np.asarray(scan_reference(_sqrt_step, y0, inputs, None))[6:]).all()
+    sol = pdyn.solve(_sqrt_step, solver, y0, inputs, throw=False)
+    assert sol.result == optx.RESULTS.nonfinite
+    assert np.all(np.isfinite(np.asarray(sol.value)))

@@ -185,8 +185,10 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
     the same tolerance. If the Newton step overflows (chaotic maps in single
     precision), damped steps continue and the check is retried; a problem on which it
     never succeeds ends with `RESULTS.nonlinear_max_steps_reached`, never with a wrong trajectory
-    marked successful. The solve fails with `RESULTS.nonfinite` if the step itself
-    produces non-finite values at a finite iterate.
+    marked successful. A step that is non-finite at the current iterate (undefined
+    at the initial guess, say) only limits the window to the time before it; the
+    solve fails with `RESULTS.nonfinite` when the step is non-finite after the
+    converged prefix, where the recurrence's own trajectory is.
 
     **The step.** `linear_solver=`[`parallel_dynamics.KalmanSmoother`][] (default)
     takes the exact Levenberg–Marquardt step of the window.
@@ -250,7 +252,12 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # (y_{k-1} is unchanged), which changes only F_k (to zero) and F_{k+1}; then a
         # damped step on a window of time after it. The prefix up to k stays fixed;
         # everything after the window waits.
-        exact = (times == start)[:, None]
+        # Where the previous state is exact (or converged), a non-finite f(y_{k-1}, x_k)
+        # is the recurrence's own trajectory failing: nothing to solve. Non-finite
+        # values elsewhere (a step undefined at the initial guess) only wait.
+        finite_values = jnp.all(jnp.isfinite(values), axis=1)
+        step_nonfinite = jnp.any((times == start) & ~finite_values)
+        exact = ((times == start) & finite_values)[:, None]
         y = jnp.where(exact, values, y)
         following = jnp.minimum(start + 1, length - 1)
         mesh, axis_name = time_mesh(self)
@@ -265,7 +272,10 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             residual_following,
             residual,
         )
-        active = (times > start) & (times <= start + state.window)
+        # The window ends before the first non-finite residual after k.
+        nonfinite = ~jnp.all(jnp.isfinite(residual), axis=1) & (times > start)
+        end = jnp.min(jnp.where(nonfinite, times, length))
+        active = (times > start) & (times <= start + state.window) & (times < end)
         active = active | all_converged
         pinned = 1 / jnp.finfo(y.dtype).eps
         damping = jnp.where(active, state.damping, pinned)
@@ -302,7 +312,10 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         predicted = merit - jnp.sum(model**2)
         actual = merit - jnp.sum(jnp.where(in_window, trial_residual, 0) ** 2)
         ratio = actual / jnp.where(predicted > 0, predicted, jnp.inf)
-        finite = all_finite(trial, trial_residual)
+        # Only the window moves; residuals after it wait for the next step.
+        finite = all_finite(
+            jnp.where(in_window, trial, 0), jnp.where(in_window, trial_residual, 0)
+        )
         accept, new_damping, memory = self.damping.update(
             state.damping, state.damping_memory, jnp.where(finite, ratio, -jnp.inf)
         )
@@ -360,7 +373,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         window = jnp.where(accept, jnp.where(ratio > 0.25, grown, state.window), shrunk)
         window = jnp.where(newton, state.window, window)
         result = optx.RESULTS.where(
-            all_finite(residual), optx.RESULTS.successful, optx.RESULTS.nonfinite
+            step_nonfinite, optx.RESULTS.nonfinite, optx.RESULTS.successful
         )
         new_state = _LevenbergMarquardtState(
             step=state.step + 1,
