@@ -39,7 +39,8 @@ def scan_reference(step, y0, inputs, args, length=None):
 
 def tanh_rnn(dtype, length=40, size=4, scale=0.9, key=0):
     k1, k2, k3 = jr.split(jr.key(key), 3)
-    weight = scale * jr.normal(k1, (size, size), dtype) / np.sqrt(size)
+    # A Python float is weakly typed: a float32 weight stays float32 under x64.
+    weight = scale * jr.normal(k1, (size, size), dtype) / float(np.sqrt(size))
     inputs = jr.normal(k2, (length, size), dtype)
     y0 = 0.1 * jr.normal(k3, (size,), dtype)
 
@@ -75,7 +76,7 @@ def lstm(dtype, length=40, hidden=3, features=2, key=0):
 
 def contracting(dtype, length=40, size=3, key=0):
     """A strongly contracting map with dict state and no inputs."""
-    weight = 0.3 * jr.normal(jr.key(key), (size, size), dtype) / np.sqrt(size)
+    weight = 0.3 * jr.normal(jr.key(key), (size, size), dtype) / float(np.sqrt(size))
 
     def step(state, x, w):
         del x
