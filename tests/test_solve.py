@@ -349,3 +349,22 @@ def test_zero_atol_with_a_component_that_stays_zero(solver):
     np.testing.assert_allclose(
         sol.value, scan_reference(step, y0, inputs, None), rtol=1e-7, atol=0
     )
+
+
+@pytest.mark.parametrize("name", ["deer", "quasi_deer", "block_quasi_deer"])
+def test_infinite_derivative_where_the_step_is_finite(name):
+    # sqrt has an infinite derivative at 0: A_1 = J(y0) is infinite for y0 = 0 (it
+    # multiplies Delta_0 = 0, and inf * 0 made the scans NaN), and so is every A_t at
+    # the default initial guess y_t = y0. Such entries are replaced by zero, which
+    # keeps a valid quasi-Newton iteration, instead of failing with `nonfinite`.
+    def step(y, x, args):
+        del args
+        return jnp.sqrt(y) + x
+
+    inputs = jnp.linspace(0.5, 1.5, 40).reshape(20, 2)
+    y0 = jnp.zeros(2)
+    sol = pdyn.solve(step, SOLVERS[name], y0, inputs)
+    assert sol.result == optx.RESULTS.successful
+    np.testing.assert_allclose(
+        sol.value, scan_reference(step, y0, inputs, None), rtol=1e-10, atol=0
+    )

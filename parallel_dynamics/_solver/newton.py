@@ -7,6 +7,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import PRNGKeyArray, PyTree, Scalar
 
+from .._blocks import map_time
 from .._jacobian import (
     AbstractJacobian,
     BlockDiagonalJacobian,
@@ -37,6 +38,10 @@ from .base import (
 _SCANS = (AbstractScanSolver, IterativeScan, MatrixFreeScan)
 
 
+def _finite_or_zero(x):
+    return jnp.where(jnp.isfinite(x), x, 0)
+
+
 class AbstractNewton(AbstractRecurrenceSolver):
     """Newton-type iteration over the whole trajectory.
 
@@ -58,7 +63,9 @@ class AbstractNewton(AbstractRecurrenceSolver):
     contraction rate $\\theta$ as $d\\,\\theta / (1 - \\theta)$, is below 1 (see
     [`parallel_dynamics.AbstractRecurrenceSolver`][]). A non-finite
     update is never accepted: the solve stops with `RESULTS.nonfinite` and keeps the
-    last finite iterate.
+    last finite iterate. Non-finite entries of $A_t$ (a derivative that is infinite
+    where the step is finite, as for $\sqrt{y}$ at $0$) are taken as zero: any $A_t$
+    gives a valid iteration.
     """
 
     jacobian: eqx.AbstractVar[AbstractJacobian]
@@ -75,6 +82,10 @@ class AbstractNewton(AbstractRecurrenceSolver):
         recurrence = as_recurrence(args, self)
         previous = recurrence.previous(y)
         values, blocks = self.jacobian.linearise(recurrence, previous, state.step)
+        # A_1 multiplies the zero Delta_0 (inf * 0 would make the scans NaN), and any
+        # A_t gives a valid iteration: a derivative that is infinite where the step is
+        # finite (sqrt at 0) becomes 0 instead of failing the solve.
+        blocks = map_time(_finite_or_zero, blocks)
         residual = y - values
         operator = BlockBidiagonalOperator(blocks)
         update = lx.linear_solve(operator, residual, self.linear_solver, throw=False)
