@@ -368,3 +368,31 @@ def test_infinite_derivative_where_the_step_is_finite(name):
     np.testing.assert_allclose(
         sol.value, scan_reference(step, y0, inputs, None), rtol=1e-10, atol=0
     )
+
+
+@pytest.mark.parametrize("solver", [pdyn.QuasiDEER, pdyn.Jacobi, pdyn.DEER])
+def test_small_updates_of_a_non_contracting_iteration_do_not_stop_it(solver):
+    # A rotation by 90 degrees has a zero diagonal, so quasi-DEER is a Jacobi
+    # iteration here, which does not contract: from this initial guess (residual 1e-7
+    # everywhere, error 1e-7 t, rotating with the map) every update has the size of
+    # the residual, below tolerance, while the error travels forward one step per
+    # iteration. The solve used to stop after its first update with an error of 2e-5,
+    # 20 times the tolerance, reported as successful.
+    rotation = jnp.array([[0.0, -1.0], [1.0, 0.0]])
+
+    def step(y, x, args):
+        del args
+        return rotation @ y + x
+
+    length = 200
+    inputs = 0.01 * jr.normal(jr.key(0), (length, 2))
+    y0 = jnp.array([1.0, 0.0])
+    expected = scan_reference(step, y0, inputs, None)
+    turns = jnp.arange(1, length + 1) % 4
+    drift = jnp.stack([jnp.cos(turns * jnp.pi / 2), jnp.sin(turns * jnp.pi / 2)], 1)
+    init = expected + 1e-7 * jnp.arange(1, length + 1)[:, None] * jnp.round(drift)
+    sol = pdyn.solve(
+        step, solver(rtol=1e-6, atol=1e-6), y0, inputs, init=init, throw=False
+    )
+    assert sol.result == optx.RESULTS.successful
+    assert float(jnp.max(jnp.abs(sol.value - expected))) <= 1e-6

@@ -44,6 +44,24 @@ class IterationState(eqx.Module):
     # the initial inf.
     residual_norm: Scalar
     result: optx.RESULTS
+    # Whether the residual the last update solved for was at the rounding level of the
+    # trajectory (see `at_rounding_level`); checked only once the update is small.
+    rounding: Bool[Array, ""] = eqx.field(default_factory=lambda: jnp.array(False))
+
+
+# A residual within this many units in the last place of the step's values counts as
+# rounding error. At the exact trajectories of the test maps (GRU, LSTM, tanh RNN,
+# Lorenz-96 with RK4; float32 and float64) it measured up to 36.
+_ROUNDING_ULPS = 256
+
+
+def at_rounding_level(residual: Array, y: Array, values: Array) -> Bool[Array, ""]:
+    """Whether $|y_t - f(y_{t-1}, x_t)| \\leq c\\,\\varepsilon
+    \\max(|y_t|, |f(y_{t-1}, x_t)|)$ everywhere ($c$ = `_ROUNDING_ULPS`): the trajectory
+    satisfies the recurrence as well as its sequential evaluation does."""
+    eps = jnp.finfo(residual.dtype).eps
+    scale = jnp.maximum(jnp.abs(y), jnp.abs(values))
+    return jnp.all(jnp.abs(residual) <= _ROUNDING_ULPS * eps * scale)
 
 
 class AbstractRecurrenceSolver(optx.AbstractRootFinder):
@@ -107,6 +125,7 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
             state.diffsize,
             state.diffsize_prev,
             superlinear=self.superlinear,
+            rounding=state.rounding,
         )
         return done | exact | failed, state.result
 
@@ -199,6 +218,7 @@ def converged(
     diffsize_prev: Scalar,
     *,
     superlinear: bool = True,
+    rounding: Bool[Array, ""] | bool = True,
 ) -> Bool[Array, ""]:
     """Whether the iterate *after* the last update is within tolerance.
 
@@ -212,7 +232,12 @@ def converged(
     the sensitive part of a trajectory).
     Slowly contracting iterations ($\\theta \\to 1$) thereby need updates well below
     tolerance before they stop. Updates that no longer shrink ($\\theta \\geq 1$) have
-    reached the rounding floor when two in a row are below tolerance.
+    reached the rounding floor when two in a row are below tolerance and the residual
+    is at the `rounding` level: a quasi-Newton or fixed-point iteration on a map that
+    does not contract also makes updates of constant size, while the error it has not
+    yet removed travels forward in time. For the same reason a single update, whose
+    rate is unknown, is enough only for a superlinear iteration or at the rounding
+    level (an initial guess that is already the answer).
     """
     first = num_updates <= 1
     rate = diffsize / diffsize_prev
@@ -223,8 +248,9 @@ def converged(
     # up (d_{k-1} huge), any d_k looks like a tiny rate.
     shortcut = (rate < 0.1) & (diffsize < 100) if superlinear else False
     extrapolated = contracting & (predicted < 1) & (small | shortcut)
-    floor = ~contracting & small & (diffsize_prev < 1)
-    return (num_updates >= 1) & jnp.where(first, small, extrapolated | floor)
+    floor = ~contracting & small & (diffsize_prev < 1) & rounding
+    first_small = small & (rounding | superlinear)
+    return (num_updates >= 1) & jnp.where(first, first_small, extrapolated | floor)
 
 
 def print_progress(name: str, state: IterationState):

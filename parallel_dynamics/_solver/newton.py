@@ -1,6 +1,7 @@
 from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import lineax as lx
@@ -24,6 +25,7 @@ from .base import (
     AbstractRecurrenceSolver,
     all_finite,
     as_recurrence,
+    at_rounding_level,
     IterationState,
     print_progress,
 )
@@ -64,7 +66,7 @@ class AbstractNewton(AbstractRecurrenceSolver):
     [`parallel_dynamics.AbstractRecurrenceSolver`][]). A non-finite
     update is never accepted: the solve stops with `RESULTS.nonfinite` and keeps the
     last finite iterate. Non-finite entries of $A_t$ (a derivative that is infinite
-    where the step is finite, as for $\sqrt{y}$ at $0$) are taken as zero: any $A_t$
+    where the step is finite, as for $\\sqrt{y}$ at $0$) are taken as zero: any $A_t$
     gives a valid iteration.
     """
 
@@ -94,10 +96,17 @@ class AbstractNewton(AbstractRecurrenceSolver):
         if not isinstance(self.linear_solver, _SCANS):
             # With a scan a non-finite residual already makes `new_y` non-finite.
             finite = finite & all_finite(residual)
+        # Only the stopping test's rules for small updates read it.
+        rounding = jax.lax.cond(
+            diffsize < 1,
+            lambda: at_rounding_level(residual, y, values),
+            lambda: jnp.array(False),
+        )
         new_state = IterationState(
             step=state.step + 1,
             diffsize=diffsize,
             diffsize_prev=state.diffsize,
+            rounding=rounding,
             # Only printed.
             residual_norm=self.norm(residual) if self.verbose else state.residual_norm,
             result=optx.RESULTS.where(
