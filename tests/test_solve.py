@@ -370,14 +370,17 @@ def test_infinite_derivative_where_the_step_is_finite(name):
     )
 
 
-@pytest.mark.parametrize("solver", [pdyn.QuasiDEER, pdyn.Jacobi, pdyn.DEER])
+@pytest.mark.parametrize(
+    "solver", [pdyn.QuasiDEER, pdyn.Jacobi, pdyn.DEER, pdyn.QuasiELK, pdyn.ELK]
+)
 def test_small_updates_of_a_non_contracting_iteration_do_not_stop_it(solver):
     # A rotation by 90 degrees has a zero diagonal, so quasi-DEER is a Jacobi
     # iteration here, which does not contract: from this initial guess (residual 1e-7
     # everywhere, error 1e-7 t, rotating with the map) every update has the size of
     # the residual, below tolerance, while the error travels forward one step per
     # iteration. The solve used to stop after its first update with an error of 2e-5,
-    # 20 times the tolerance, reported as successful.
+    # 20 times the tolerance, reported as successful (quasi-ELK after its first
+    # undamped check).
     rotation = jnp.array([[0.0, -1.0], [1.0, 0.0]])
 
     def step(y, x, args):

@@ -23,6 +23,7 @@ from .base import (
     AbstractRecurrenceSolver,
     all_finite,
     as_recurrence,
+    at_rounding_level,
     converged as converged_by_rate,
 )
 from .newton import diagonal_jacobian
@@ -255,6 +256,8 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # Where the previous state is exact (or converged), a non-finite f(y_{k-1}, x_k)
         # is the recurrence's own trajectory failing: nothing to solve. Non-finite
         # values elsewhere (a step undefined at the initial guess) only wait.
+        # For the stopping test of linearly convergent (quasi-Newton) checks.
+        rounding = at_rounding_level(residual, y, values)
         finite_values = jnp.all(jnp.isfinite(values), axis=1)
         step_nonfinite = jnp.any((times == start) & ~finite_values)
         exact = ((times == start) & finite_values)[:, None]
@@ -346,6 +349,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
                 diffsize,
                 state.newton_diffsize,
                 superlinear=self.superlinear,
+                rounding=rounding,
             )
         )
         # On chaotic maps the forward error of a trajectory whose defects are at
