@@ -23,8 +23,8 @@ from jaxtyping import Array, ArrayLike, PyTree, Real
 from ._adjoint import ImplicitAdjoint
 from ._linear_solver import shard_time
 from ._linear_solver.sharded import time_mesh
-from ._solve import checked_token, solve
-from ._solver import AbstractRecurrenceSolver, QuasiDEER
+from ._solve import check_recurrence_solver, checked_token, solve
+from ._solver import QuasiDEER
 
 
 # Three Diffrax internals, so that the solvers see exactly what `diffrax.diffeqsolve`
@@ -706,18 +706,7 @@ def diffeqsolve(
     """
     # --- arguments
     _check_solver(solver)
-    if isinstance(parallel, type):
-        raise TypeError(
-            f"`parallel` must be a solver instance, got the class "
-            f"`{parallel.__name__}`: construct one, e.g. `{parallel.__name__}()`."
-        )
-    if not isinstance(parallel, AbstractRecurrenceSolver):
-        cls = type(parallel)
-        raise TypeError(
-            "`parallel` must be a recurrence solver of `parallel_dynamics.solve` such "
-            "as `pdyn.DEER()`, `pdyn.QuasiDEER()`, `pdyn.ELK()` or "
-            f"`pdyn.Sequential()`, got `{cls.__module__.split('.')[0]}.{cls.__name__}`."
-        )
+    check_recurrence_solver("parallel", parallel)
     if not isinstance(throw, (bool, np.bool_)):
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
     if isinstance(adjoint, dfx.AbstractAdjoint):

@@ -54,6 +54,27 @@ def _sequence_length(inputs: PyTree, length: int | None) -> int:
     return length
 
 
+def check_recurrence_solver(name: str, solver) -> None:
+    """Raises unless `solver` (the argument `name`) is an instance of a recurrence
+    solver with non-negative tolerances (checked here, before `jit`, where array
+    tolerances are still concrete)."""
+    if isinstance(solver, type):
+        raise TypeError(
+            f"`{name}` must be a solver instance, got the class `{solver.__name__}`: "
+            f"construct one, e.g. `{solver.__name__}()`."
+        )
+    if not isinstance(solver, AbstractRecurrenceSolver):
+        cls = type(solver)
+        raise TypeError(
+            f"`{name}` must be a recurrence solver (a "
+            "`parallel_dynamics.AbstractRecurrenceSolver` such as `pdyn.DEER()`, "
+            "`pdyn.QuasiDEER()`, `pdyn.ELK()` or `pdyn.Sequential()`), got "
+            f"`{cls.__module__.split('.')[0]}.{cls.__name__}`. Generic Optimistix "
+            "root finders do not exploit the structure of the recurrence."
+        )
+    solver.check_tolerances()
+
+
 def _initial_guess(init: PyTree | None, y0: PyTree, layout: StateLayout, length: int):
     flat_y0 = layout.flatten(y0)
     if init is None:
@@ -174,21 +195,7 @@ def solve(
     # The static arguments are normalised before `jit` sees them: NumPy integers
     # would otherwise be traced. So are the solver's tolerances checked: array
     # tolerances are traced inside it.
-    if isinstance(solver, type):
-        raise TypeError(
-            f"`solver` must be a solver instance, got the class `{solver.__name__}`: "
-            f"construct one, e.g. `{solver.__name__}()`."
-        )
-    if not isinstance(solver, AbstractRecurrenceSolver):
-        cls = type(solver)
-        raise TypeError(
-            "`solver` must be a recurrence solver (a "
-            "`parallel_dynamics.AbstractRecurrenceSolver` such as `pdyn.DEER()`, "
-            "`pdyn.QuasiDEER()`, `pdyn.ELK()` or `pdyn.Sequential()`), got "
-            f"`{cls.__module__.split('.')[0]}.{cls.__name__}`. Generic Optimistix "
-            "root finders do not exploit the structure of the recurrence."
-        )
-    solver.check_tolerances()
+    check_recurrence_solver("solver", solver)
     if not isinstance(throw, (bool, np.bool_)):
         raise TypeError(f"`throw` must be a bool, got {throw!r}.")
     return _solve(

@@ -55,13 +55,21 @@ class IterationState(eqx.Module):
 _ROUNDING_ULPS = 256
 
 
-def at_rounding_level(residual: Array, y: Array, values: Array) -> Bool[Array, ""]:
+def at_rounding_level(
+    residual: Array, y: Array, values: Array, *, when: Bool[Array, ""]
+) -> Bool[Array, ""]:
     """Whether $|y_t - f(y_{t-1}, x_t)| \\leq c\\,\\varepsilon
     \\max(|y_t|, |f(y_{t-1}, x_t)|)$ everywhere ($c$ = `_ROUNDING_ULPS`): the trajectory
-    satisfies the recurrence as well as its sequential evaluation does."""
-    eps = jnp.finfo(residual.dtype).eps
-    scale = jnp.maximum(jnp.abs(y), jnp.abs(values))
-    return jnp.all(jnp.abs(residual) <= _ROUNDING_ULPS * eps * scale)
+    satisfies the recurrence as well as its sequential evaluation does. Computed only
+    `when` the stopping test will read it (one pass over the trajectory); `False`
+    otherwise."""
+
+    def check():
+        eps = jnp.finfo(residual.dtype).eps
+        scale = jnp.maximum(jnp.abs(y), jnp.abs(values))
+        return jnp.all(jnp.abs(residual) <= _ROUNDING_ULPS * eps * scale)
+
+    return jax.lax.cond(when, check, lambda: jnp.array(False))
 
 
 class AbstractRecurrenceSolver(optx.AbstractRootFinder):

@@ -249,6 +249,8 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # is a plain scan, which unlike a Kalman filter without damping propagates no
         # covariances, so it stays finite on chaotic maps in double precision.
         newton = all_converged & ~state.newton_failed
+        # Only the stopping test of that step reads it (for quasi-Newton checks).
+        rounding = at_rounding_level(residual, y, values, when=newton)
         # Otherwise the first unconverged state is made exact, y_k = f(y_{k-1}, x_k)
         # (y_{k-1} is unchanged), which changes only F_k (to zero) and F_{k+1}; then a
         # damped step on a window of time after it. The prefix up to k stays fixed;
@@ -256,8 +258,6 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # Where the previous state is exact (or converged), a non-finite f(y_{k-1}, x_k)
         # is the recurrence's own trajectory failing: nothing to solve. Non-finite
         # values elsewhere (a step undefined at the initial guess) only wait.
-        # For the stopping test of linearly convergent (quasi-Newton) checks.
-        rounding = at_rounding_level(residual, y, values)
         finite_values = jnp.all(jnp.isfinite(values), axis=1)
         step_nonfinite = jnp.any((times == start) & ~finite_values)
         exact = ((times == start) & finite_values)[:, None]

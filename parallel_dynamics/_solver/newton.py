@@ -1,7 +1,6 @@
 from collections.abc import Callable
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import lineax as lx
@@ -97,11 +96,7 @@ class AbstractNewton(AbstractRecurrenceSolver):
             # With a scan a non-finite residual already makes `new_y` non-finite.
             finite = finite & all_finite(residual)
         # Only the stopping test's rules for small updates read it.
-        rounding = jax.lax.cond(
-            diffsize < 1,
-            lambda: at_rounding_level(residual, y, values),
-            lambda: jnp.array(False),
-        )
+        rounding = at_rounding_level(residual, y, values, when=diffsize < 1)
         new_state = IterationState(
             step=state.step + 1,
             diffsize=diffsize,
