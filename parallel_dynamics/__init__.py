@@ -53,6 +53,7 @@ from ._solver import (
     AbstractLevenbergMarquardt as AbstractLevenbergMarquardt,
     AbstractNewton as AbstractNewton,
     AbstractRecurrenceSolver as AbstractRecurrenceSolver,
+    AbstractTrustRegionNewton as AbstractTrustRegionNewton,
     AdaptiveDamping as AdaptiveDamping,
     BlockQuasiDEER as BlockQuasiDEER,
     DEER as DEER,
@@ -64,7 +65,10 @@ from ._solver import (
     Picard as Picard,
     QuasiDEER as QuasiDEER,
     QuasiELK as QuasiELK,
+    QuasiTrustDEER as QuasiTrustDEER,
     Sequential as Sequential,
+    TrustDEER as TrustDEER,
+    TrustRegionNewton as TrustRegionNewton,
 )
 
 

@@ -17,3 +17,9 @@ from .newton import (
     QuasiDEER as QuasiDEER,
 )
 from .sequential import Sequential as Sequential
+from .trust_region_newton import (
+    AbstractTrustRegionNewton as AbstractTrustRegionNewton,
+    QuasiTrustDEER as QuasiTrustDEER,
+    TrustDEER as TrustDEER,
+    TrustRegionNewton as TrustRegionNewton,
+)

@@ -1,0 +1,309 @@
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
+
+from .._blocks import map_time
+from .._jacobian import AbstractJacobian, DenseJacobian
+from .._linear_solver.scan import AutoScan
+from .._operator import BlockBidiagonalOperator
+from .base import (
+    AbstractRecurrenceSolver,
+    as_recurrence,
+    at_rounding_level,
+    converged,
+)
+from .horizon import continue_beyond, trusted_horizon
+from .newton import diagonal_jacobian
+
+
+class _TrustRegionState(eqx.Module):
+    step: Int[Array, ""]
+    # Consecutive steps taken over the whole trajectory: the stopping test's rate
+    # needs two of them.
+    full_steps: Int[Array, ""]
+    diffsize: Scalar
+    diffsize_prev: Scalar
+    rounding: Bool[Array, ""]
+    horizon: Int[Array, ""]
+    residual_norm: Scalar
+    result: optx.RESULTS
+
+
+def _finite_or_zero(x):
+    return jnp.where(jnp.isfinite(x), x, 0)
+
+
+class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
+    """Newton-type iteration with a trust region in time.
+
+    Each iteration computes the (quasi-)Newton step of [`parallel_dynamics.Newton`][],
+    $\\Delta_t = A_t \\Delta_{t-1} + F(Y)_t$, and evaluates the residual $F'$ at the
+    trial $Y - \\Delta$. The linear model behind the step is trusted on the longest
+    prefix of time on which the trial is finite and has removed a share of the
+    squared residual (see `trusted_horizon`): the gain ratio
+
+    $$\\rho_s = \\frac{\\sum_{t \\le s} \\lVert F_t \\rVert^2 - \\lVert F'_t \\rVert^2}
+    {\\sum_{t \\le s} \\lVert F_t \\rVert^2} \\geq \\rho_{\\min},$$
+
+    or the trial satisfies the recurrence to tolerance at $s$. Up to that horizon the
+    trial is taken; beyond it the iterate is continued from the last trusted state
+    (shifted by the correction there), and the next linearisation starts from it.
+
+    Where undamped Newton (DEER) converges, the horizon is the whole trajectory at
+    every step and this *is* DEER. Where Newton diverges (oscillators and orbits from
+    a constant initial guess, unstable stretches of a trajectory), it advances like a
+    time-stepping scheme whose steps are as long as the linearisation is right, rather
+    than overflowing or stalling; no damping parameter is involved.
+
+    Whatever $A_t$ is, after $i$ iterations the first $i$ states are exact (the trial
+    agrees with the recurrence there, so the horizon is past them), so at most $T$
+    iterations are needed. The solve stops as [`parallel_dynamics.Newton`][] does, on
+    the sizes of consecutive steps over the whole trajectory. A non-finite
+    $f(y_0, x_1)$ fails the solve with `RESULTS.nonfinite`; non-finite trials
+    elsewhere only end the horizon.
+    """
+
+    jacobian: eqx.AbstractVar[AbstractJacobian]
+    linear_solver: eqx.AbstractVar[lx.AbstractLinearSolver]
+    min_ratio: eqx.AbstractVar[float]
+    verbose: eqx.AbstractVar[bool]
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        del fn, args, options, f_struct, aux_struct, tags
+        self.check_tolerances()
+        inf = jnp.array(jnp.inf, y.dtype)
+        return _TrustRegionState(
+            step=jnp.array(0),
+            full_steps=jnp.array(0),
+            diffsize=inf,
+            diffsize_prev=inf,
+            rounding=jnp.array(False),
+            horizon=jnp.array(y.shape[0]),
+            residual_norm=inf,
+            result=optx.RESULTS.successful,
+        )
+
+    def defect_converged(self, y: Array, residual: Array) -> Bool[Array, " T"]:
+        """Whether $|F(Y)_t| < \\text{atol} + \\text{rtol}\\,|y_t|$ at every $t$."""
+        rtol, atol = self.tolerances(y.dtype)
+        return jnp.all(jnp.abs(residual) < atol + rtol * jnp.abs(y), axis=1)
+
+    def step(self, fn, y, args, options, state: _TrustRegionState, tags):
+        del fn, options, tags
+        recurrence = as_recurrence(args, self)
+        length = recurrence.length
+        values, blocks = self.jacobian.linearise(
+            recurrence, recurrence.previous(y), state.step
+        )
+        blocks = map_time(_finite_or_zero, blocks)
+        residual = y - values
+        operator = BlockBidiagonalOperator(blocks)
+        update = lx.linear_solve(
+            operator, residual, self.linear_solver, throw=False
+        ).value
+        trial = y - update
+        trial_residual = recurrence.residual(trial)
+        horizon = trusted_horizon(
+            residual,
+            trial_residual,
+            self.defect_converged(trial, trial_residual),
+            self.min_ratio,
+        )
+        # f(y_0, x_1) is the first state of the trajectory itself.
+        first_finite = jnp.all(jnp.isfinite(trial[0]))
+        new_y = jnp.where(first_finite, continue_beyond(y, trial, horizon), y)
+        full = first_finite & (horizon == length)
+        diffsize = jnp.where(
+            full, self.scaled_size(y, update), jnp.array(jnp.inf, y.dtype)
+        )
+        new_state = _TrustRegionState(
+            step=state.step + 1,
+            full_steps=jnp.where(full, state.full_steps + 1, 0),
+            diffsize=diffsize,
+            diffsize_prev=state.diffsize,
+            rounding=at_rounding_level(residual, y, values, when=diffsize < 1),
+            horizon=horizon,
+            residual_norm=self.norm(residual) if self.verbose else state.residual_norm,
+            result=optx.RESULTS.where(
+                first_finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
+            ),
+        )
+        if self.verbose:
+            jax.debug.print(
+                type(self).__name__ + " step {step}: residual norm {res:.3e}, "
+                "trusted horizon {horizon}, scaled step {diff:.3e}",
+                step=new_state.step,
+                res=new_state.residual_norm,
+                horizon=horizon,
+                diff=diffsize,
+            )
+        return new_y, new_state, None
+
+    def terminate(self, fn, y, args, options, state: _TrustRegionState, tags):
+        del fn, y, options, tags
+        recurrence = as_recurrence(args, self)
+        # The prefix property: after T iterations the trajectory is exact.
+        exact = state.step >= recurrence.length
+        failed = state.result != optx.RESULTS.successful
+        done = converged(
+            state.full_steps,
+            state.diffsize,
+            state.diffsize_prev,
+            superlinear=self.superlinear,
+            rounding=state.rounding,
+        )
+        return done | exact | failed, state.result
+
+
+def _check_min_ratio(min_ratio):
+    if not -np.inf < min_ratio < 1:
+        raise ValueError(f"`min_ratio` must lie in (-inf, 1), got {min_ratio}.")
+
+
+class TrustRegionNewton(AbstractTrustRegionNewton):
+    """Newton-type iteration with a trust region in time, with any Jacobian structure
+    and any scan: the general point of which [`parallel_dynamics.TrustDEER`][] and
+    [`parallel_dynamics.QuasiTrustDEER`][] are named points.
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+        import parallel_dynamics as pdyn
+
+        step = lambda y, x, args: jnp.tanh(0.5 * y + x)
+        solver = pdyn.TrustRegionNewton(jacobian=pdyn.BlockDiagonalJacobian(2))
+        sol = pdyn.solve(step, solver, jnp.zeros(4), jnp.ones((100, 4)))
+        ```
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    jacobian: AbstractJacobian = DenseJacobian()
+    linear_solver: lx.AbstractLinearSolver = AutoScan()
+    min_ratio: float = 0.0
+    verbose: bool = False
+
+    def __check_init__(self):
+        _check_min_ratio(self.min_ratio)
+
+
+class TrustDEER(AbstractTrustRegionNewton):
+    """DEER with a trust region in time: Newton's method on the trajectory with the
+    dense Jacobian blocks, each step taken as far along the trajectory as its linear
+    model is trusted (see [`parallel_dynamics.AbstractTrustRegionNewton`][]).
+
+    Where DEER converges this is DEER; where DEER overflows or diverges (oscillators,
+    orbits, unstable stretches) it converges in a number of iterations set by how far
+    the linearisation reaches rather than by $T$. The robust default for dynamics you
+    know nothing about, at DEER's cost per iteration ($O(T D^3)$ work, $O(T D^2)$
+    memory) plus one more evaluation of the step.
+
+    !!! Example
+
+        ```python
+        import diffrax
+        import jax.numpy as jnp
+        import parallel_dynamics as pdyn
+
+        def lotka_volterra(t, y, args):
+            prey, predator = y
+            return jnp.stack([1.5 * prey - prey * predator, predator * (prey - 3.0)])
+
+        sol = pdyn.diffeqsolve(
+            diffrax.ODETerm(lotka_volterra), diffrax.Tsit5(), 0.0, 20.0, 0.01,
+            jnp.array([10.0, 1.0]), parallel=pdyn.TrustDEER(),
+        )  # DEER ends in overflow here
+        ```
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    linear_solver: lx.AbstractLinearSolver = AutoScan()
+    min_ratio: float = 0.0
+    verbose: bool = False
+
+    def __check_init__(self):
+        _check_min_ratio(self.min_ratio)
+
+    @property
+    def jacobian(self) -> AbstractJacobian:
+        return DenseJacobian()
+
+
+class QuasiTrustDEER(AbstractTrustRegionNewton):
+    """Quasi-DEER with a trust region in time: the diagonal of the Jacobian (chosen as
+    in [`parallel_dynamics.QuasiDEER`][]), each step taken as far along the trajectory
+    as its linear model is trusted (see
+    [`parallel_dynamics.AbstractTrustRegionNewton`][]). $O(T D)$ work and memory per
+    iteration.
+    """
+
+    rtol: float | None
+    atol: float | None
+    norm: Callable[[PyTree], Scalar]
+    jacobian: AbstractJacobian
+    linear_solver: lx.AbstractLinearSolver
+    min_ratio: float
+    verbose: bool
+
+    def __init__(
+        self,
+        rtol: float | None = None,
+        atol: float | None = None,
+        norm: Callable[[PyTree], Scalar] = optx.max_norm,
+        diagonal: str | Callable | AbstractJacobian = "exact",
+        num_probes: int = 1,
+        key: PRNGKeyArray | None = None,
+        linear_solver: lx.AbstractLinearSolver = AutoScan(),
+        min_ratio: float = 0.0,
+        verbose: bool = False,
+    ):
+        _check_min_ratio(min_ratio)
+        self.rtol = rtol
+        self.atol = atol
+        self.norm = norm
+        self.jacobian = diagonal_jacobian(
+            diagonal, num_probes, jr.key(0) if key is None else key
+        )
+        self.linear_solver = linear_solver
+        self.min_ratio = min_ratio
+        self.verbose = verbose
+
+
+_args = """**Arguments:**
+
+- `rtol`, `atol`: tolerances of the stopping test (default $\\varepsilon^{0.7}$ of the
+    state's dtype).
+- `norm`: the norm used in the stopping test; `optimistix.max_norm` by default.
+"""
+_tail = """- `linear_solver`: the Lineax solver of each step's block bidiagonal system;
+    [`parallel_dynamics.AutoScan`][] by default.
+- `min_ratio`: $\\rho_{\\min}$, the smallest gain ratio on a prefix of time for which
+    the step is trusted there (default 0: the trial must not increase the squared
+    residual of any prefix).
+- `verbose`: print the residual norm, the trusted horizon and the scaled step at every
+    iteration.
+"""
+TrustRegionNewton.__init__.__doc__ = (
+    _args
+    + "- `jacobian`: what $A_t$ is (an [`parallel_dynamics.AbstractJacobian`][]).\n"
+    + _tail
+)
+TrustDEER.__init__.__doc__ = _args + _tail
+QuasiTrustDEER.__init__.__doc__ = (
+    _args
+    + """- `diagonal`, `num_probes`, `key`: the diagonal of the Jacobian, as in
+    [`parallel_dynamics.QuasiDEER`][].
+"""
+    + _tail
+)
