@@ -24,7 +24,7 @@ from ._adjoint import ImplicitAdjoint
 from ._linear_solver import shard_time
 from ._linear_solver.sharded import time_mesh
 from ._solve import check_recurrence_solver, checked_token, solve
-from ._solver import QuasiDEER
+from ._solver import TrustDEER
 
 
 # Three Diffrax internals, so that the solvers see exactly what `diffrax.diffeqsolve`
@@ -562,19 +562,19 @@ _MAX_STEPS_MESSAGE = (
     "`max_steps` iterations (here `max_steps` counts iterations over the whole "
     "trajectory, not solver steps). `max_steps=None` allows as many iterations as there "
     "are steps, which always suffices. Chaotic or stiff dynamics converge slowly (see "
-    "`pdyn.lyapunov_exponent`): try `parallel=pdyn.DEER()` (or `pdyn.ELK()`), "
-    "`parallel=pdyn.Sequential()`, or `diffrax.diffeqsolve`; pass `throw=False` to "
-    "inspect the result."
+    "`pdyn.lyapunov_exponent`): try `parallel=pdyn.TrustDEER()` if this was a quasi or "
+    "damped solver, `parallel=pdyn.Sequential()`, or `diffrax.diffeqsolve`; pass "
+    "`throw=False` to inspect the result."
 )
 _NONFINITE_MESSAGE = (
     "parallel_dynamics.diffeqsolve: the solve produced non-finite values (inf or NaN), "
     "either in the solution itself (a blow-up, or a step size too large for the "
     "solver) or in the iterates of the parallel solver (Newton's method from a poor "
     "initial guess on oscillating, stiff-nonlinear or chaotic dynamics). Try "
-    "`parallel=pdyn.DEER()` if this was quasi-DEER, a better `init` (e.g. a coarse "
-    "sequential solve interpolated onto the steps), a shorter interval, damped steps "
-    "with `parallel=pdyn.ELK()`, or `parallel=pdyn.Sequential()`; pass `throw=False` "
-    "to inspect the result."
+    "`parallel=pdyn.TrustDEER()` (the default) if this was another solver, a better "
+    "`init` (e.g. a coarse sequential solve interpolated onto the steps), a shorter "
+    "interval, or `parallel=pdyn.Sequential()`; pass `throw=False` to inspect the "
+    "result."
 )
 
 
@@ -592,7 +592,7 @@ def diffeqsolve(
     *,
     saveat: dfx.SaveAt = dfx.SaveAt(t1=True),
     stepsize_controller: dfx.AbstractStepSizeController | None = None,
-    parallel: optx.AbstractRootFinder = QuasiDEER(),
+    parallel: optx.AbstractRootFinder = TrustDEER(),
     max_steps: int | None = None,
     init: PyTree[ArrayLike] | None = None,
     adjoint: optx.AbstractAdjoint = ImplicitAdjoint(),
@@ -648,8 +648,12 @@ def diffeqsolve(
         the grid before the solve starts, so adaptive controllers
         (`diffrax.PIDController`) are rejected. Keyword only.
     - `parallel`: the root finder of [`parallel_dynamics.solve`][]:
-        [`parallel_dynamics.QuasiDEER`][] (default), [`parallel_dynamics.DEER`][],
-        [`parallel_dynamics.ELK`][], [`parallel_dynamics.Sequential`][], ....
+        [`parallel_dynamics.TrustDEER`][] (default: Newton's method with a trust
+        region in time, which converges on oscillators and orbits from the default
+        initial guess), [`parallel_dynamics.DEER`][],
+        [`parallel_dynamics.QuasiTrustDEER`][] or [`parallel_dynamics.QuasiDEER`][]
+        (cheaper iterations for large states), [`parallel_dynamics.ELK`][],
+        [`parallel_dynamics.Sequential`][], ....
         Quasi-DEER keeps only the diagonal of each step's Jacobian, which suits
         dissipative, weakly coupled systems; for oscillators (whose components are
         coupled by rotation, e.g. Lotka--Volterra) its iterates can blow up, and

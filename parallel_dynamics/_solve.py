@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 from ._adjoint import ImplicitAdjoint
 from ._linear_solver.sharded import time_mesh
 from ._problem import Recurrence, recurrence_residual, StateLayout
-from ._solver import AbstractNewton, AbstractRecurrenceSolver
+from ._solver import AbstractRecurrenceSolver, Sequential
 from ._validation import check_state, check_step_output, describe, static_int
 
 
@@ -287,22 +287,27 @@ _ROUNDING_ULPS = 16
 def _check_exhausted(
     sol: optx.Solution, solver: AbstractRecurrenceSolver, recurrence: Recurrence
 ) -> optx.Solution:
-    """Verifies a Newton-type solve that stopped because it had taken $T$ iterations.
+    """Verifies an iterative solve that stopped after $T$ or more iterations.
 
-    In exact arithmetic $T$ iterations of any Newton-type update solve the recurrence
-    (the first $i$ states are exact after $i$ iterations), and the solvers stop there
-    whatever their last update was. In floating point that fails when the iterates
-    grew large on the way (Picard or a quasi method on an expanding or chaotic map):
-    subtracting a huge update leaves a rounding error of the order of the huge value.
-    So such a trajectory is only reported successful if every defect
+    In exact arithmetic $T$ iterations of every iterative solver of the library solve
+    the recurrence (the first $i$ states are exact after $i$ Newton-type iterations;
+    the converged prefix of the Levenberg–Marquardt solvers grows by at least one step
+    per iteration), and they stop there whatever their last update was, or run out of
+    `max_steps`. In floating point that fails when the iterates grew large on the way
+    (Picard or a quasi method on an expanding or chaotic map): subtracting a huge
+    update leaves a rounding error of the order of the huge value. So such a
+    trajectory is reported successful exactly when every defect
     $|y_t - f(y_{t-1}, x_t)|$ is below $\\text{atol} + \\text{rtol}\\,|y_t|$ plus a
     rounding allowance of $16 \\varepsilon (1 + |y_t|)$ (which matters only for tiny
-    tolerances); otherwise the result is `RESULTS.nonlinear_divergence`.
+    tolerances): a solve that ran out of `max_steps` with such a trajectory is
+    `successful`, and one that stopped as successful without it is
+    `RESULTS.nonlinear_divergence`.
     """
-    if not isinstance(solver, AbstractNewton):
+    if isinstance(solver, Sequential):
         return sol
+    ran_out = sol.result == optx.RESULTS.nonlinear_max_steps_reached
     exhausted = (sol.stats["num_steps"] >= recurrence.length) & (
-        sol.result == optx.RESULTS.successful
+        (sol.result == optx.RESULTS.successful) | ran_out
     )
     trajectory = jax.lax.stop_gradient(sol.value)
     rtol, atol = solver.tolerances(trajectory.dtype)
@@ -313,9 +318,13 @@ def _check_exhausted(
         bound = atol + rtol * magnitude + rounding * (1 + magnitude)
         return jnp.all(jnp.abs(recurrence.residual(trajectory, bounded=True)) <= bound)
 
-    inaccurate = exhausted & ~jax.lax.cond(exhausted, accurate, lambda: jnp.array(True))
+    verified = jax.lax.cond(exhausted, accurate, lambda: jnp.array(False))
     result = optx.RESULTS.where(
-        inaccurate, optx.RESULTS.nonlinear_divergence, sol.result
+        exhausted & verified,
+        optx.RESULTS.successful,
+        optx.RESULTS.where(
+            exhausted & ~ran_out, optx.RESULTS.nonlinear_divergence, sol.result
+        ),
     )
     return eqx.tree_at(lambda s: s.result, sol, result)
 

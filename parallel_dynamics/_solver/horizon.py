@@ -5,6 +5,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Inexact, Int
 
 
+def first_false(flags: Bool[Array, " T"]) -> Int[Array, ""]:
+    """The first index at which `flags` is false ($T$ if none is)."""
+    return jnp.where(jnp.all(flags), flags.shape[0], jnp.argmin(flags))
+
+
 def trusted_horizon(
     residual: Inexact[Array, "T D"],
     trial_residual: Inexact[Array, "T D"],
@@ -26,16 +31,13 @@ def trusted_horizon(
     times, the test follows the causal structure of the step: an error at $t$ is
     carried to every later state.
     """
-    length = residual.shape[0]
     old = jnp.sum(residual**2, axis=1)
     finite = jnp.all(jnp.isfinite(trial_residual), axis=1)
     new = jnp.where(finite, jnp.sum(trial_residual**2, axis=1), jnp.inf)
     actual = jnp.cumsum(old - new)
     predicted = jnp.cumsum(old)
     trusted = finite & ((actual >= min_ratio * predicted) | trial_converged)
-    times = jnp.arange(length)
-    horizon = jnp.min(jnp.where(trusted, length, times), initial=length)
-    return jnp.maximum(horizon, 1)
+    return jnp.maximum(first_false(trusted), 1)
 
 
 def continue_beyond(

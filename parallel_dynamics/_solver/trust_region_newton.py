@@ -19,7 +19,7 @@ from .base import (
     at_rounding_level,
     converged,
 )
-from .horizon import continue_beyond, trusted_horizon
+from .horizon import continue_beyond, first_false, trusted_horizon
 from .newton import diagonal_jacobian
 
 
@@ -66,8 +66,10 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
     agrees with the recurrence there, so the horizon is past them), so at most $T$
     iterations are needed. The solve stops as [`parallel_dynamics.Newton`][] does, on
     the sizes of consecutive steps over the whole trajectory. A non-finite
-    $f(y_0, x_1)$ fails the solve with `RESULTS.nonfinite`; non-finite trials
-    elsewhere only end the horizon.
+    $f(y_{k-1}, x_k)$ where every earlier state satisfies the recurrence to tolerance
+    is the recurrence's own trajectory failing, and fails the solve with
+    `RESULTS.nonfinite`; non-finite trials
+    after that only end the horizon.
     """
 
     jacobian: eqx.AbstractVar[AbstractJacobian]
@@ -116,10 +118,14 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
             self.defect_converged(trial, trial_residual),
             self.min_ratio,
         )
-        # f(y_0, x_1) is the first state of the trajectory itself.
-        first_finite = jnp.all(jnp.isfinite(trial[0]))
-        new_y = jnp.where(first_finite, continue_beyond(y, trial, horizon), y)
-        full = first_finite & (horizon == length)
+        # Where every earlier state satisfies the recurrence, a non-finite
+        # f(y_{k-1}, x_k) is the recurrence's own trajectory failing.
+        times = jnp.arange(length)
+        prefix = first_false(self.defect_converged(y, residual))
+        finite_values = jnp.all(jnp.isfinite(values), axis=1)
+        recurrence_finite = ~jnp.any((times == prefix) & ~finite_values)
+        new_y = jnp.where(recurrence_finite, continue_beyond(y, trial, horizon), y)
+        full = recurrence_finite & (horizon == length)
         diffsize = jnp.where(
             full, self.scaled_size(y, update), jnp.array(jnp.inf, y.dtype)
         )
@@ -132,7 +138,7 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
             horizon=horizon,
             residual_norm=self.norm(residual) if self.verbose else state.residual_norm,
             result=optx.RESULTS.where(
-                first_finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
+                recurrence_finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
             ),
         )
         if self.verbose:
