@@ -19,23 +19,41 @@ from .helpers import gru, lorenz96_rk4, scan_reference, tree_allclose, ZOO
 # --- the horizon and the continuation -------------------------------------------------
 
 
-def _horizon(old, new, converged=None):
+def _horizon(old, new, converged=None, start=0, max_growth=np.inf):
     old = jnp.asarray(old, jnp.float64)[:, None]
     new = jnp.asarray(new, jnp.float64)[:, None]
     if converged is None:
         converged = jnp.zeros(old.shape[0], bool)
-    return int(trusted_horizon(old, new, jnp.asarray(converged), 0.0))
+    horizon = trusted_horizon(
+        old, new, jnp.asarray(converged), jnp.array(start), 0.0, max_growth
+    )
+    return int(horizon)
 
 
 def test_horizon_is_everything_when_the_trial_decreases_every_residual():
     assert _horizon([1, 1, 1, 1], [0.1, 0.5, 0.9, 0.0]) == 4
 
 
-def test_horizon_ends_where_the_prefix_gain_turns_negative():
-    # Cumulative squares: old 1, 2, 3, 4; new 0, 0.25, 2.25, 6.25.
+def test_horizon_ends_where_the_gain_turns_negative():
+    # Cumulative squares: old 1, 2, 3, 4; new 0, 0.25, 2.21, 6.21.
     assert _horizon([1, 1, 1, 1], [0.0, 0.5, 1.4, 2.0]) == 3
-    # A single increase that the prefix has paid for is trusted.
+    # A single increase that the interval has paid for is trusted.
     assert _horizon([1, 1, 1, 1], [0.0, 1.2, 0.0, 0.0]) == 4
+
+
+def test_horizon_measures_the_gain_from_the_first_unconverged_state():
+    # Before `start` the step only polishes: trusted where finite, whatever its gain.
+    old, new = [1e-9, 1e-9, 1, 1], [2e-9, 2e-9, 0.5, 0.5]
+    assert _horizon(old, new, start=2) == 4
+    # ... and the horizon is past `start`, which the trial makes exact.
+    assert _horizon([0, 0, 1, 1], [0, 0, 5.0, 5.0], start=2) == 3
+
+
+def test_horizon_bounds_the_growth_at_single_times():
+    # A large early decrease pays for a trial that left the trajectory at t = 2.
+    old, new = [10, 1, 1, 1], [0, 0, 5, 0]
+    assert _horizon(old, new) == 4
+    assert _horizon(old, new, max_growth=2.0) == 2
 
 
 def test_horizon_ends_at_a_non_finite_trial():
@@ -45,7 +63,7 @@ def test_horizon_ends_at_a_non_finite_trial():
 
 def test_horizon_trusts_times_where_the_trial_satisfies_the_recurrence():
     converged = [True, True, True, False]
-    assert _horizon([0, 0, 0, 1], [1e-9, 1e-9, 1e-9, 2.0], converged) == 3
+    assert _horizon([1, 1, 1, 1], [2.0, 2.0, 2.0, 2.0], converged) == 3
 
 
 def test_horizon_is_at_least_one():
@@ -237,9 +255,12 @@ def test_max_steps_equal_to_the_length_is_exact_and_successful(length, solver):
     np.testing.assert_allclose(sol.value, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("min_ratio", [1.0, 2.0, -np.inf, np.nan])
-def test_min_ratio_out_of_range_is_rejected(min_ratio):
-    with pytest.raises(ValueError, match="min_ratio"):
-        pdyn.TrustDEER(min_ratio=min_ratio)
-    with pytest.raises(ValueError, match="min_ratio"):
-        pdyn.QuasiTrustDEER(min_ratio=min_ratio)
+@pytest.mark.parametrize(
+    "option, value",
+    [("min_ratio", 1.0), ("min_ratio", -np.inf), ("min_ratio", np.nan)]
+    + [("max_growth", 0.5), ("max_growth", np.nan)],
+)
+def test_trust_options_out_of_range_are_rejected(option, value):
+    for solver in (pdyn.TrustDEER, pdyn.QuasiTrustDEER, pdyn.TrustRegionNewton):
+        with pytest.raises(ValueError, match=option):
+            solver(**{option: value})

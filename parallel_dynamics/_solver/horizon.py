@@ -14,30 +14,41 @@ def trusted_horizon(
     residual: Inexact[Array, "T D"],
     trial_residual: Inexact[Array, "T D"],
     trial_converged: Bool[Array, " T"],
+    start: Int[Array, ""],
     min_ratio: float,
+    max_growth: float,
 ) -> Int[Array, ""]:
     """The first time index at which the linear model of a Newton-type step is no
-    longer trusted (at least 1; $T$ if it is trusted everywhere).
+    longer trusted: at least `start + 1` (at most $T$), $T$ if it is trusted
+    everywhere.
 
-    The model predicts that the trial step removes the residual $F$, so on the prefix
-    $t \\le s$ the gain ratio of actual to predicted decrease of the squared residual is
+    Before `start` (the first state that does not satisfy the recurrence to
+    tolerance) the step only polishes, and it is trusted where the trial is finite.
+    From `start` on, the model predicts that the step removes the residual $F$; on
+    $[\\text{start}, s]$ the gain ratio of actual to predicted decrease of the squared
+    residual is
 
-    $$\\rho_s = \\frac{\\sum_{t \\le s} \\lVert F_t \\rVert^2 - \\lVert F'_t \\rVert^2}
-    {\\sum_{t \\le s} \\lVert F_t \\rVert^2},$$
+    $$\\rho_s = \\frac{\\sum_{t} \\lVert F_t \\rVert^2 - \\lVert F'_t \\rVert^2}
+    {\\sum_{t} \\lVert F_t \\rVert^2},$$
 
     with $F'$ the residual at the trial. Time $s$ is trusted when the trial is finite
-    there and either $\\rho_s \\geq$ `min_ratio` or the trial satisfies the recurrence to
-    tolerance at $s$ (`trial_converged`). Measured on prefixes rather than at single
-    times, the test follows the causal structure of the step: an error at $t$ is
-    carried to every later state.
+    there and either $\\rho_s \\geq$ `min_ratio` and $\\lVert F'_s \\rVert \\leq$
+    `max_growth` $\\lVert F_s \\rVert$, or the trial satisfies the recurrence to
+    tolerance at $s$ (`trial_converged`). The ratio on intervals follows the causal
+    structure of the step (an error at $t$ is carried to every later state); the
+    bound on the growth at single times stops a large decrease early on from paying
+    for a trial that has left the trajectory later.
     """
+    times = jnp.arange(residual.shape[0])
+    after = times >= start
     old = jnp.sum(residual**2, axis=1)
     finite = jnp.all(jnp.isfinite(trial_residual), axis=1)
     new = jnp.where(finite, jnp.sum(trial_residual**2, axis=1), jnp.inf)
-    actual = jnp.cumsum(old - new)
-    predicted = jnp.cumsum(old)
-    trusted = finite & ((actual >= min_ratio * predicted) | trial_converged)
-    return jnp.maximum(first_false(trusted), 1)
+    actual = jnp.cumsum(jnp.where(after, old - new, 0))
+    predicted = jnp.cumsum(jnp.where(after, old, 0))
+    gain = (actual >= min_ratio * predicted) & (new <= max_growth**2 * old)
+    trusted = finite & (~after | gain | trial_converged)
+    return jnp.clip(first_false(trusted), start + 1, residual.shape[0])
 
 
 def continue_beyond(

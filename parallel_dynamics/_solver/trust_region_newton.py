@@ -45,36 +45,40 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
 
     Each iteration computes the (quasi-)Newton step of [`parallel_dynamics.Newton`][],
     $\\Delta_t = A_t \\Delta_{t-1} + F(Y)_t$, and evaluates the residual $F'$ at the
-    trial $Y - \\Delta$. The linear model behind the step is trusted on the longest
-    prefix of time on which the trial is finite and has removed a share of the
-    squared residual (see `trusted_horizon`): the gain ratio
+    trial $Y - \\Delta$. The linear model behind the step predicts $F' = 0$; it is
+    trusted up to the first time $s$ at which the trial is non-finite or, with $k$ the
+    first state that does not satisfy the recurrence to tolerance, the gain ratio
 
-    $$\\rho_s = \\frac{\\sum_{t \\le s} \\lVert F_t \\rVert^2 - \\lVert F'_t \\rVert^2}
-    {\\sum_{t \\le s} \\lVert F_t \\rVert^2} \\geq \\rho_{\\min},$$
+    $$\\rho_s = \\frac{\\sum_{k \\le t \\le s} \\lVert F_t \\rVert^2 -
+    \\lVert F'_t \\rVert^2}{\\sum_{k \\le t \\le s} \\lVert F_t \\rVert^2}$$
 
-    or the trial satisfies the recurrence to tolerance at $s$. Up to that horizon the
-    trial is taken; beyond it the iterate is continued from the last trusted state
-    (shifted by the correction there), and the next linearisation starts from it.
+    falls below $\\rho_{\\min}$ (`min_ratio`, default 0) and the trial does not
+    satisfy the recurrence to tolerance at $s$ (on the scale of the current iterate).
+    Up to that horizon the trial is taken; beyond it the iterate is continued from
+    the last trusted state (shifted by the correction there), so the next
+    linearisation beyond the horizon is taken around where the trajectory has got to,
+    not around the initial guess. There is no damping parameter.
 
-    Where undamped Newton (DEER) converges, the horizon is the whole trajectory at
-    every step and this *is* DEER. Where Newton diverges (oscillators and orbits from
-    a constant initial guess, unstable stretches of a trajectory), it advances like a
-    time-stepping scheme whose steps are as long as the linearisation is right, rather
-    than overflowing or stalling; no damping parameter is involved.
+    Where every Newton step decreases the residual on every interval this *is* DEER,
+    with DEER's iteration counts. Where undamped Newton overflows or diverges
+    (oscillators and orbits from a constant initial guess, stretches along which the
+    linearisation at a wrong state amplifies), the iteration advances like a
+    time-stepping scheme whose steps are as long as the linearisation is right. On
+    nearly neutral maps driven by inputs (a trained autoregressive RNN) those steps
+    can be short: see the documentation's "How to choose a solver".
 
-    Whatever $A_t$ is, after $i$ iterations the first $i$ states are exact (the trial
-    agrees with the recurrence there, so the horizon is past them), so at most $T$
-    iterations are needed. The solve stops as [`parallel_dynamics.Newton`][] does, on
-    the sizes of consecutive steps over the whole trajectory. A non-finite
-    $f(y_{k-1}, x_k)$ where every earlier state satisfies the recurrence to tolerance
-    is the recurrence's own trajectory failing, and fails the solve with
-    `RESULTS.nonfinite`; non-finite trials
-    after that only end the horizon.
+    The horizon is past $k$, so the first unconverged state is made exact at every
+    iteration and at most $T$ iterations are needed. The solve stops as
+    [`parallel_dynamics.Newton`][] does, on the sizes of consecutive steps over the
+    whole trajectory. A non-finite $f(y_{k-1}, x_k)$ is the recurrence's own
+    trajectory failing and fails the solve with `RESULTS.nonfinite`; non-finite
+    trials after $k$ only end the horizon.
     """
 
     jacobian: eqx.AbstractVar[AbstractJacobian]
     linear_solver: eqx.AbstractVar[lx.AbstractLinearSolver]
     min_ratio: eqx.AbstractVar[float]
+    max_growth: eqx.AbstractVar[float]
     verbose: eqx.AbstractVar[bool]
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
@@ -112,18 +116,24 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
         ).value
         trial = y - update
         trial_residual = recurrence.residual(trial)
+        converged_before = self.defect_converged(y, residual)
+        start = first_false(converged_before)
+        # The trial's defects are measured against the scale of the current iterate:
+        # a trial far off the trajectory can satisfy the recurrence relative to its
+        # own size (where the step is linear in a huge state).
         horizon = trusted_horizon(
             residual,
             trial_residual,
-            self.defect_converged(trial, trial_residual),
+            self.defect_converged(y, trial_residual),
+            start,
             self.min_ratio,
+            self.max_growth,
         )
         # Where every earlier state satisfies the recurrence, a non-finite
         # f(y_{k-1}, x_k) is the recurrence's own trajectory failing.
         times = jnp.arange(length)
-        prefix = first_false(self.defect_converged(y, residual))
         finite_values = jnp.all(jnp.isfinite(values), axis=1)
-        recurrence_finite = ~jnp.any((times == prefix) & ~finite_values)
+        recurrence_finite = ~jnp.any((times == start) & ~finite_values)
         new_y = jnp.where(recurrence_finite, continue_beyond(y, trial, horizon), y)
         full = recurrence_finite & (horizon == length)
         diffsize = jnp.where(
@@ -168,9 +178,11 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
         return done | exact | failed, state.result
 
 
-def _check_min_ratio(min_ratio):
+def _check_trust_options(min_ratio, max_growth):
     if not -np.inf < min_ratio < 1:
         raise ValueError(f"`min_ratio` must lie in (-inf, 1), got {min_ratio}.")
+    if not max_growth >= 1:
+        raise ValueError(f"`max_growth` must be at least 1, got {max_growth}.")
 
 
 class TrustRegionNewton(AbstractTrustRegionNewton):
@@ -196,10 +208,11 @@ class TrustRegionNewton(AbstractTrustRegionNewton):
     jacobian: AbstractJacobian = DenseJacobian()
     linear_solver: lx.AbstractLinearSolver = AutoScan()
     min_ratio: float = 0.0
+    max_growth: float = np.inf
     verbose: bool = False
 
     def __check_init__(self):
-        _check_min_ratio(self.min_ratio)
+        _check_trust_options(self.min_ratio, self.max_growth)
 
 
 class TrustDEER(AbstractTrustRegionNewton):
@@ -236,10 +249,11 @@ class TrustDEER(AbstractTrustRegionNewton):
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     linear_solver: lx.AbstractLinearSolver = AutoScan()
     min_ratio: float = 0.0
+    max_growth: float = np.inf
     verbose: bool = False
 
     def __check_init__(self):
-        _check_min_ratio(self.min_ratio)
+        _check_trust_options(self.min_ratio, self.max_growth)
 
     @property
     def jacobian(self) -> AbstractJacobian:
@@ -260,6 +274,7 @@ class QuasiTrustDEER(AbstractTrustRegionNewton):
     jacobian: AbstractJacobian
     linear_solver: lx.AbstractLinearSolver
     min_ratio: float
+    max_growth: float
     verbose: bool
 
     def __init__(
@@ -272,9 +287,10 @@ class QuasiTrustDEER(AbstractTrustRegionNewton):
         key: PRNGKeyArray | None = None,
         linear_solver: lx.AbstractLinearSolver = AutoScan(),
         min_ratio: float = 0.0,
+        max_growth: float = np.inf,
         verbose: bool = False,
     ):
-        _check_min_ratio(min_ratio)
+        _check_trust_options(min_ratio, max_growth)
         self.rtol = rtol
         self.atol = atol
         self.norm = norm
@@ -283,6 +299,7 @@ class QuasiTrustDEER(AbstractTrustRegionNewton):
         )
         self.linear_solver = linear_solver
         self.min_ratio = min_ratio
+        self.max_growth = max_growth
         self.verbose = verbose
 
 
@@ -296,7 +313,9 @@ _tail = """- `linear_solver`: the Lineax solver of each step's block bidiagonal 
     [`parallel_dynamics.AutoScan`][] by default.
 - `min_ratio`: $\\rho_{\\min}$, the smallest gain ratio on a prefix of time for which
     the step is trusted there (default 0: the trial must not increase the squared
-    residual of any prefix).
+    residual on any interval from the first unconverged state).
+- `max_growth`: the factor by which the trial may increase the residual at a single
+    time where it is trusted (default: no bound).
 - `verbose`: print the residual norm, the trusted horizon and the scaled step at every
     iteration.
 """
