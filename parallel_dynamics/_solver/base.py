@@ -145,6 +145,13 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         final_residual = self.norm(recurrence.residual(y, bounded=True))
         return y, aux, {"residual_norm": final_residual}
 
+    def defect(self, y: Array, residual: Array) -> Array:
+        """The componentwise residual relative to the tolerance; zero where the
+        residual is zero, also where the tolerance is (`atol = 0` and $y = 0$)."""
+        rtol, atol = self.tolerances(y.dtype)
+        magnitude = jnp.abs(residual)
+        return jnp.where(magnitude == 0, 0, magnitude / (atol + rtol * jnp.abs(y)))
+
     def scaled_size(self, y: Array, update: Array) -> Scalar:
         """$\\lVert \\Delta / (\\text{atol} + \\text{rtol}\\,|Y|) \\rVert$, each
         entry zero where $\\Delta$ is (also where the scale is: `atol = 0` and a
@@ -218,6 +225,13 @@ def _rowwise_max_abs(
         (magnitudes, jnp.isfinite(finite_of)), (init, jnp.array(True)), combine, (1,)
     )
     return jnp.max(rows), jnp.all(finite)
+
+
+def first_unconverged(defect: Array) -> Int[Array, ""]:
+    """The first time index whose scaled defect is not below one ($T$ if none is).
+    A NaN defect is not below one."""
+    bad = ~(jnp.max(defect, axis=1, initial=0) < 1)
+    return jnp.where(jnp.any(bad), jnp.argmax(bad), bad.shape[0])
 
 
 def converged(

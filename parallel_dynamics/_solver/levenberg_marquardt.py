@@ -25,6 +25,7 @@ from .base import (
     as_recurrence,
     at_rounding_level,
     converged as converged_by_rate,
+    first_unconverged,
 )
 from .newton import diagonal_jacobian
 
@@ -141,13 +142,6 @@ def _take(x: Array, index, *, sharded: bool) -> Array:
     return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=0, dtype=x.dtype)
 
 
-def first_unconverged(defect: Array) -> Int[Array, ""]:
-    """The first time index whose scaled defect is not below one ($T$ if none is).
-    A NaN defect is not below one."""
-    bad = ~(jnp.max(defect, axis=1, initial=0) < 1)
-    return jnp.where(jnp.any(bad), jnp.argmax(bad), bad.shape[0])
-
-
 class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
     """Levenberg–Marquardt on the trajectory: each step minimises
 
@@ -224,13 +218,6 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
 
     def default_max_steps(self, length: int) -> int:
         return 2 * length + 10
-
-    def defect(self, y: Array, residual: Array) -> Array:
-        """The componentwise residual relative to the tolerance; zero where the
-        residual is zero, also where the tolerance is (`atol = 0` and $y = 0$)."""
-        rtol, atol = self.tolerances(y.dtype)
-        magnitude = jnp.abs(residual)
-        return jnp.where(magnitude == 0, 0, magnitude / (atol + rtol * jnp.abs(y)))
 
     def step(self, fn, y, args, options, state: _LevenbergMarquardtState, tags):
         del fn, options, tags

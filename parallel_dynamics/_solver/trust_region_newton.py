@@ -18,8 +18,9 @@ from .base import (
     as_recurrence,
     at_rounding_level,
     converged,
+    first_unconverged,
 )
-from .horizon import continue_beyond, first_false, trusted_horizon
+from .horizon import continue_beyond, trusted_horizon
 from .newton import diagonal_jacobian
 
 
@@ -96,11 +97,6 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
             result=optx.RESULTS.successful,
         )
 
-    def defect_converged(self, y: Array, residual: Array) -> Bool[Array, " T"]:
-        """Whether $|F(Y)_t| < \\text{atol} + \\text{rtol}\\,|y_t|$ at every $t$."""
-        rtol, atol = self.tolerances(y.dtype)
-        return jnp.all(jnp.abs(residual) < atol + rtol * jnp.abs(y), axis=1)
-
     def step(self, fn, y, args, options, state: _TrustRegionState, tags):
         del fn, options, tags
         recurrence = as_recurrence(args, self)
@@ -116,15 +112,14 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
         ).value
         trial = y - update
         trial_residual = recurrence.residual(trial)
-        converged_before = self.defect_converged(y, residual)
-        start = first_false(converged_before)
+        start = first_unconverged(self.defect(y, residual))
         # The trial's defects are measured against the scale of the current iterate:
         # a trial far off the trajectory can satisfy the recurrence relative to its
         # own size (where the step is linear in a huge state).
         horizon = trusted_horizon(
             residual,
             trial_residual,
-            self.defect_converged(y, trial_residual),
+            jnp.max(self.defect(y, trial_residual), axis=1) < 1,
             start,
             self.min_ratio,
             self.max_growth,
