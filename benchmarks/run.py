@@ -11,8 +11,9 @@ Sections (`--only` / `--skip` take comma-separated names):
   issues 2 and 6 at T = 10^4 ([`benchmarks/grid.py`](grid.py));
 - `passes`: the cost of one iteration in passes and where it goes (`passes.py`);
 - `scans`: chunked against associative and sequential scans (`scans.py`);
-- `convergence`: iterations against T, contracting and chaotic maps
-  (`convergence.py`);
+- `convergence`: iteration counts (deterministic): contracting and chaotic maps
+  against T, oscillator and orbit ODEs, the AR-GRU of the ELK paper, a contracting
+  GRU and Lorenz-96 (`convergence.py`; standalone `python -m benchmarks.convergence`);
 - `gradients`: one `value_and_grad` against backpropagation through `lax.scan`, lean
   and dense adjoints (`gradients.py`);
 - `memory`: peak resident memory of whole processes with `/usr/bin/time -v`
