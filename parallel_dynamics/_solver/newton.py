@@ -39,7 +39,7 @@ from .base import (
 _SCANS = (AbstractScanSolver, IterativeScan, MatrixFreeScan)
 
 
-def _finite_or_zero(x):
+def finite_or_zero(x):
     return jnp.where(jnp.isfinite(x), x, 0)
 
 
@@ -86,7 +86,7 @@ class AbstractNewton(AbstractRecurrenceSolver):
         # A_1 multiplies the zero Delta_0 (inf * 0 would make the scans NaN), and any
         # A_t gives a valid iteration: a derivative that is infinite where the step is
         # finite (sqrt at 0) becomes 0 instead of failing the solve.
-        blocks = map_time(_finite_or_zero, blocks)
+        blocks = map_time(finite_or_zero, blocks)
         residual = y - values
         operator = BlockBidiagonalOperator(blocks)
         update = lx.linear_solve(operator, residual, self.linear_solver, throw=False)

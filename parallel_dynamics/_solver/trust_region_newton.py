@@ -21,7 +21,7 @@ from .base import (
     first_unconverged,
 )
 from .horizon import continue_beyond, trusted_horizon
-from .newton import diagonal_jacobian
+from .newton import diagonal_jacobian, finite_or_zero
 
 
 class _TrustRegionState(eqx.Module):
@@ -35,10 +35,6 @@ class _TrustRegionState(eqx.Module):
     horizon: Int[Array, ""]
     residual_norm: Scalar
     result: optx.RESULTS
-
-
-def _finite_or_zero(x):
-    return jnp.where(jnp.isfinite(x), x, 0)
 
 
 class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
@@ -104,7 +100,7 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
         values, blocks = self.jacobian.linearise(
             recurrence, recurrence.previous(y), state.step
         )
-        blocks = map_time(_finite_or_zero, blocks)
+        blocks = map_time(finite_or_zero, blocks)
         residual = y - values
         operator = BlockBidiagonalOperator(blocks)
         update = lx.linear_solve(
