@@ -190,10 +190,7 @@ def _largest_exponent(step, y0, xs, args, trajectory, **kwargs) -> float | None:
 
 
 def tanh_rnn(lengths: tuple[int, ...]) -> list[dict]:
-    print(
-        "\n== Tanh RNN against T (D = 8, float32, tol 1e-4, default max_steps) ==\n"
-        f"  {'map':<28} {'T':<6} {'solver':<21} {'iterations':>22}"
-    )
+    print("\n== Tanh RNN against T (D = 8, float32, tol 1e-4, default max_steps) ==")
     scan = make_lax_scan(tanh_step)
     solves = {  # compiled once per solver and T, for both maps
         name: jit_solve(tanh_step, make(rtol=TOLERANCE, atol=TOLERANCE))

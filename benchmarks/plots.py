@@ -153,6 +153,8 @@ def plot_convergence(results: dict, path: Path) -> Path | None:
         ax.plot(ts, ts, "k:", lw=0.8, label=f"{length} (the bound)")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(ts, [str(t) for t in ts], minor=False)
+        ax.set_xticks([], minor=True)
         ax.set_xlabel(f"{length} (steps)")
         ax.set_ylabel("iterations")
         ax.set_title(title, fontsize=9)
