@@ -15,6 +15,7 @@ from .._linear_solver.scan import AutoScan
 from .._operator import BlockBidiagonalOperator
 from .base import (
     AbstractRecurrenceSolver,
+    all_finite,
     as_recurrence,
     at_rounding_level,
     converged,
@@ -125,7 +126,11 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
         times = jnp.arange(length)
         finite_values = jnp.all(jnp.isfinite(values), axis=1)
         recurrence_finite = ~jnp.any((times == start) & ~finite_values)
-        new_y = jnp.where(recurrence_finite, continue_beyond(y, trial, horizon), y)
+        new_y = continue_beyond(y, trial, horizon)
+        # The last finite iterate is kept: a continuation of states that have grown
+        # huge beyond the horizon can overflow.
+        accepted = recurrence_finite & all_finite(new_y)
+        new_y = jnp.where(accepted, new_y, y)
         full = recurrence_finite & (horizon == length)
         diffsize = jnp.where(
             full, self.scaled_size(y, update), jnp.array(jnp.inf, y.dtype)
@@ -139,7 +144,7 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
             horizon=horizon,
             residual_norm=self.norm(residual) if self.verbose else state.residual_norm,
             result=optx.RESULTS.where(
-                recurrence_finite, optx.RESULTS.successful, optx.RESULTS.nonfinite
+                accepted, optx.RESULTS.successful, optx.RESULTS.nonfinite
             ),
         )
         if self.verbose:
