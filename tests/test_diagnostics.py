@@ -123,8 +123,9 @@ def test_errors():
 
 
 def test_state_leaves_must_be_floating_arrays_of_at_least_32_bits():
-    # An integer leaf was promoted into the flat state by `ravel_pytree` and cast back
-    # for the step, so its Jacobian column was zero: an exponent of -inf, no error.
+    # `ravel_pytree` would promote an integer leaf into the flat state and cast it
+    # back for the step, so its Jacobian column would be zero: an exponent of -inf,
+    # no error.
     def step(y, x, args):
         return 2.0 * y[0], y[1] + 1
 
@@ -143,7 +144,7 @@ def test_state_leaves_must_be_floating_arrays_of_at_least_32_bits():
 
 def test_step_output_and_trajectory_must_have_the_layout_of_the_state():
     # Leaves of shapes (2,) and (1,) returned as (1,) and (2,): the same flat size, so
-    # `ravel_pytree` silently permuted the state and the exponent came out wrong.
+    # `ravel_pytree` would silently permute the state and the exponent be wrong.
     def swapped(y, x, args):
         return 0.5 * y[1], 2.0 * y[0]
 

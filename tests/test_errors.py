@@ -160,8 +160,8 @@ def test_stagnation_on_a_chaotic_map_is_not_reported_as_success():
     """The logistic map at r = 3.9 in float64. Jacobi's iterates never settle: every
     iteration perturbs the converged prefix by a rounding error, which the map
     amplifies by about 2 per step, so after all T iterations (exact in exact
-    arithmetic) the trajectory still violates the recurrence. It used to be reported
-    successful."""
+    arithmetic) the trajectory still violates the recurrence, which is not
+    success."""
     y0, r = jnp.array([0.3, 0.6]), jnp.asarray(3.9)
     sol = pdyn.solve(logistic, pdyn.Jacobi(), y0, None, r, length=32, throw=False)
     assert int(sol.stats["num_steps"]) == 32

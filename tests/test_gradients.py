@@ -333,7 +333,7 @@ def test_second_derivative(linear_solver):
 
 @pytest.mark.parametrize("linear_solver", ["scan", pdyn.AutoScan, lx.LU])
 def test_adjoint_linear_solver_is_checked_at_construction(linear_solver):
-    # Not checked before: the solve ran, and only differentiating it failed, with an
-    # AttributeError or a TypeError about `init`'s arguments.
+    # Checked when the adjoint is built, not first when the solve is differentiated
+    # (with an AttributeError or a TypeError about `init`'s arguments).
     with pytest.raises(TypeError, match="`linear_solver`"):
         pdyn.ImplicitAdjoint(linear_solver)

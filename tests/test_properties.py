@@ -463,7 +463,7 @@ def test_reruns_are_bit_identical(name, recompile):
     assert bool(second.result == first.result)
 
 
-# --- minimal failing cases found by the tests above ----------------------------------
+# --- minimal cases of the properties above, fixed draws ------------------------------
 
 
 def _tanh_map(y, x, gain):
@@ -486,7 +486,7 @@ def test_picard_exhausting_its_iterations_is_verified():
     """Picard on a contracting map in float32 blows its iterates up to ~1e15 before
     the converged prefix reaches the end; after T iterations (exact in exact
     arithmetic) the last states carry rounding errors of ~1e-3. `solve` verifies such
-    trajectories and reports `nonlinear_divergence` (it used to report success)."""
+    trajectories and reports `nonlinear_divergence`, not success."""
     d = Draw("contracting", 1, False, 0.0, 0.4, 0.0, 0.0)
     y0, inputs, params = build(d, LAYOUTS["vector"], jnp.float32, 64)
     sol = pdyn.solve(cell, pdyn.Picard(), y0, inputs, params, throw=False)

@@ -120,10 +120,10 @@ _SCRIPT = textwrap.dedent(
             sol = pdyn.solve(step, pdyn.DEER(linear_solver=scan), y0, xs_sharded, w)
             out["solve_throw"] = err(sol.value, ref)
 
-    # 2b. D = 3: `Recurrence.previous` as `shift_forward(y).at[0].set(y0)` came out
-    # zero at the first step of every shard but the first on these emulated devices
-    # (for D = 1, 2, 3, 5; not for D = 4 or 8), so every solve converged to a wrong
-    # trajectory with `successful`.
+    # 2b. D = 3: on these emulated devices `shift_forward(y).at[0].set(y0)` comes out
+    # zero at the first step of every shard but the first (for D = 1, 2, 3, 5; not
+    # for D = 4 or 8). `Recurrence.previous` written that way makes every solve
+    # converge to a wrong trajectory with `successful`.
     D3 = 3
     w3 = 0.5 * jax.random.normal(keys[2], (D3, D3))
     y3 = 0.1 * jnp.ones(D3)
@@ -207,9 +207,9 @@ _SCRIPT = textwrap.dedent(
                 out[f"damped_spec/{key}"] = spec(got[key])
 
     # Dense blocks with 256 steps per device: the batched LAPACK solves of the
-    # smoother's combines, run by the 4 shards at once, used to deadlock XLA:CPU's
-    # shared intra-op thread pool (the program hung after compiling). D = 8: with
-    # D = 4 the batches were too small to be split over the pool.
+    # smoother's combines, run by the 4 shards at once, can deadlock XLA:CPU's shared
+    # intra-op thread pool (the program hangs after compiling). D = 8: with D = 4 the
+    # batches are too small to be split over the pool.
     T, D8 = 1024, 8
     long_dense = pdyn.DenseBlocks(jax.random.normal(keys[1], (T, D8, D8)) / D8)
     long_r = jax.random.normal(keys[0], (T, D8))
@@ -437,8 +437,9 @@ def test_sharded_kalman_step_matches_single_device(results, length, case):
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("smooth", [True, False])
 def test_long_dense_sharded_kalman_matches_single_device(results, parallel, smooth):
-    # T = 1024, 256 steps per device: this used to hang (a thread-pool deadlock of
-    # XLA:CPU's batched LAPACK kernels inside `shard_map`).
+    # T = 1024, 256 steps per device: large enough for XLA:CPU's batched LAPACK
+    # kernels inside `shard_map` to split over the thread pool, where they can
+    # deadlock.
     assert results[f"long_dense/{parallel}/{smooth}"] < 1e-10
 
 

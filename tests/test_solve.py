@@ -242,7 +242,7 @@ def test_stopping_rule_is_not_fooled_by_a_blown_up_iterate():
     # of 0.1x tolerance.
     assert bool(converged(jnp.array(3), jnp.array(10.0), jnp.array(1e3)))
     # After an iterate blew up, a huge update looks like a tiny rate (DEER on the
-    # AR-GRU case in float32 once stopped here with a trajectory of size 1e29).
+    # AR-GRU case in float32 reaches this with a trajectory of size 1e29).
     assert not bool(converged(jnp.array(3), jnp.array(1.7e8), jnp.array(3.4e29)))
     assert not bool(converged(jnp.array(3), jnp.array(0.5), jnp.array(0.6)))
     assert bool(converged(jnp.array(3), jnp.array(0.05), jnp.array(0.6)))
@@ -336,8 +336,9 @@ def test_scaled_size_of_a_still_component_without_scale(size):
 
 @pytest.mark.parametrize("solver", [pdyn.DEER, pdyn.QuasiDEER])
 def test_zero_atol_with_a_component_that_stays_zero(solver):
-    # Such a component used to make the stopping test's norm NaN, and the solve ran
-    # all T iterations (correct by the prefix guarantee, but T times the work).
+    # Such a component's scaled update is 0 / 0, which counts as zero: a NaN norm
+    # would keep the solve running for all T iterations (correct by the prefix
+    # guarantee, but T times the work).
     def step(y, x, args):
         del args
         return jnp.stack([jnp.tanh(0.5 * y[0]) + x[0], 0.5 * y[1]])
@@ -378,9 +379,8 @@ def test_small_updates_of_a_non_contracting_iteration_do_not_stop_it(solver):
     # iteration here, which does not contract: from this initial guess (residual 1e-7
     # everywhere, error 1e-7 t, rotating with the map) every update has the size of
     # the residual, below tolerance, while the error travels forward one step per
-    # iteration. The solve used to stop after its first update with an error of 2e-5,
-    # 20 times the tolerance, reported as successful (quasi-ELK after its first
-    # undamped check).
+    # iteration. Stopping after the first update (quasi-ELK: after its first
+    # undamped check) would leave an error of 2e-5, 20 times the tolerance.
     rotation = jnp.array([[0.0, -1.0], [1.0, 0.0]])
 
     def step(y, x, args):

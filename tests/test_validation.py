@@ -131,8 +131,8 @@ MATRIX = {
     "max_steps negative": (dict(max_steps=-3), ValueError, "`max_steps`"),
     "max_steps a float": (dict(max_steps=2.5), TypeError, "`max_steps`"),
     "max_steps a bool": (dict(max_steps=True), TypeError, "`max_steps`"),
-    # Above the range of the iteration counter JAX raised an OverflowError about an
-    # argument `y`.
+    # Above the range of the iteration counter JAX would raise an OverflowError about
+    # an argument `y`.
     "max_steps beyond int64": (dict(max_steps=2**63), ValueError, "`max_steps`"),
     "throw a string": (dict(throw="yes"), TypeError, "`throw`"),
     # --- solver, adjoint ---

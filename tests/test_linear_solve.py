@@ -1,5 +1,6 @@
-"""Regression tests from a review of the linear algebra layer: the block bidiagonal
-operator and its scan solvers used directly through `lineax.linear_solve`."""
+"""The block bidiagonal operator and its scan solvers used directly through
+`lineax.linear_solve`: upper and complex operators, an infinite first block, forward
+mode at $y_0$, and Lineax's tridiagonal path."""
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,8 @@ def _dense_solve(operator, b):
 
 @pytest.mark.parametrize("preconditioner", ["exact", "none"])
 def test_iterative_scan_solves_an_upper_operator(preconditioner):
-    # `IterativeScan.init` on a transposed (upper) `BlockBidiagonalOperator` unpacked
-    # its own 3-tuple state as `(state, options)` and raised a ValueError.
+    # `IterativeScan` solves a transposed (upper) `BlockBidiagonalOperator` with the
+    # state its `init` builds for it.
     blocks = pdyn.DenseBlocks(0.6 * jr.normal(jr.key(0), (LENGTH, SIZE, SIZE)))
     upper = pdyn.BlockBidiagonalOperator(blocks).T
     b = jr.normal(jr.key(1), (LENGTH, SIZE))
@@ -68,9 +69,9 @@ def _check_solves(operator, solvers):
 
 @pytest.mark.parametrize("kind", ["diagonal", "dense"])
 def test_first_block_never_matters(kind):
-    # $A_1$ multiplies $v_0 = 0$ and is absent from `as_matrix`. An infinite one made
-    # `mv` NaN at the first step, and every transposed solve NaN: the transposed
-    # scans applied $A_1^\top$ to $v_{T+1} = 0$ (inf * 0).
+    # $A_1$ multiplies $v_0 = 0$ and is absent from `as_matrix`. An infinite one
+    # leaves `mv` and every transposed solve finite: the transposed scans must not
+    # apply $A_1^\top$ to $v_{T+1} = 0$ (inf * 0 is NaN).
     lower = pdyn.BlockBidiagonalOperator(_boundary_blocks(kind))
     b = jr.normal(jr.key(5), (LENGTH, SIZE))
     for operator in (lower, lower.T):
@@ -86,7 +87,7 @@ def test_first_block_never_matters(kind):
 @pytest.mark.xfail(
     strict=True,
     reason="the forward sequential and chunked scans apply A_1 to v_0 = 0; masking "
-    "it costs a pass over the blocks in the hot loop (see the review report)",
+    "it costs a pass over the blocks in the hot loop",
 )
 def test_first_block_never_matters_forward_sequential_and_chunked():
     lower = pdyn.BlockBidiagonalOperator(_boundary_blocks("diagonal"))
@@ -105,9 +106,9 @@ def test_first_block_never_matters_forward_sequential_and_chunked():
 )
 def test_forward_mode_ignores_the_jacobian_at_y0(linear_solver):
     # The tangent system's A_1 is the Jacobian of the step at y0, which multiplies
-    # the zero tangent v_0: with sqrt at y0 = 0 it is infinite, and the matrix-free
-    # scan (the default adjoint) and the blocks recovered from the Jacobian operator
-    # turned it into NaN, so `jax.jvp` raised.
+    # the zero tangent v_0: with sqrt at y0 = 0 it is infinite, and neither the
+    # matrix-free scan (the default adjoint) nor the blocks recovered from the
+    # Jacobian operator may turn it into NaN.
     def step(y, x, args):
         return jnp.sqrt(y) + x
 
@@ -133,7 +134,8 @@ def test_forward_mode_ignores_the_jacobian_at_y0(linear_solver):
 @pytest.mark.parametrize("lower", [True, False])
 def test_tridiagonal_does_not_materialise(lower):
     # With D = 1 (or zero blocks) Lineax's automatic solver picks its tridiagonal
-    # solver, which calls `lx.tridiagonal`: that built the dense (T D)^2 matrix.
+    # solver, which calls `lx.tridiagonal`: that reads the blocks, never the dense
+    # (T D)^2 matrix.
     length = 4096
     operator = pdyn.BlockBidiagonalOperator(
         pdyn.DiagonalBlocks(jnp.linspace(-1.0, 1.0, length)[:, None]), lower=lower
@@ -159,7 +161,7 @@ def test_tridiagonal_does_not_materialise(lower):
 
 
 def test_iterative_scan_on_a_complex_operator():
-    # Its stopping sizes are real, but the loop started them as complex infinities.
+    # Its stopping sizes are real, also for a complex operator and right-hand side.
     key1, key2, key3, key4 = jr.split(jr.key(7), 4)
     shape = (LENGTH, SIZE)
     a = 0.5 * (jr.normal(key1, shape) + 1j * jr.normal(key2, shape))

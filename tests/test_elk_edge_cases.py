@@ -1,5 +1,5 @@
-"""Adversarial checks of the Levenberg–Marquardt (ELK, quasi-ELK) solvers against
-`lax.scan`: edge-case tolerances and states, honest failure codes."""
+"""ELK and quasi-ELK at the edges, against `lax.scan`: zero tolerances, empty states,
+steps undefined at the initial guess, invalid damping options, and failure codes."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +19,11 @@ def _expanding_with_zero_component(y, x, args):
 
 
 @pytest.mark.parametrize("solver", [pdyn.ELK, pdyn.QuasiELK], ids=["elk", "quasi_elk"])
-def test_zero_atol_with_a_component_that_stays_zero(solver):
+def test_damped_solve_with_zero_atol_and_a_component_that_stays_zero(solver):
     # With atol = 0 the defect of a component with y_t = 0 and a zero residual is
-    # 0 / 0. It used to be NaN, which made the maximum over the row NaN, and a NaN
-    # row counted as converged: every row did, so the solver stopped after a few
-    # damped steps with defects of order 1e-2 and reported success.
+    # 0 / 0, which counts as zero: a NaN would make the maximum over the row NaN, and
+    # a NaN row must not count as converged (the solve would stop after a few damped
+    # steps with defects of order 1e-2 and report success).
     T = 40
     inputs = jnp.full((T, 1), 0.01)
     y0 = jnp.zeros(2)
@@ -62,9 +62,9 @@ def test_zero_atol_with_a_component_that_stays_zero(solver):
     ],
 )
 def test_bad_damping_arguments_raise(make):
-    # A negative or zero `max_damping` used to be accepted and clipped the damping to
-    # it (a negative damping makes the Kalman weights 1 / (1 + λ) blow up); an
-    # infinite damping makes them NaN.
+    # A negative or zero `max_damping` would clip the damping to it (a negative
+    # damping makes the Kalman weights 1 / (1 + λ) blow up); an infinite damping
+    # makes them NaN.
     with pytest.raises(ValueError, match="damping|initial"):
         make()
 
@@ -72,15 +72,15 @@ def test_bad_damping_arguments_raise(make):
 @pytest.mark.parametrize("cls", [pdyn.KalmanSmoother, pdyn.KalmanFilter])
 @pytest.mark.parametrize("radix", [1, 0, 2.5])
 def test_bad_radix_raises_at_construction(cls, radix):
-    # It used to be checked only by the parallel smoothers, with a message naming an
-    # internal function, and ignored where the sequential smoother was chosen.
+    # Checked when the smoother is built, whichever of its parallel or sequential
+    # paths a solve takes later, with a message naming the argument.
     with pytest.raises(ValueError, match="`radix`"):
         cls(radix=radix)
 
 
 def test_empty_state():
     # A state with no components (D = 0), which pdyn.DEER solves: the row maxima of
-    # the defects used to fail at trace time on a zero-size reduction.
+    # the defects are reductions over zero entries.
     sol = pdyn.solve(lambda y, x, args: 2 * y, pdyn.ELK(), jnp.zeros(0), length=3)
     assert sol.result == optx.RESULTS.successful
     assert sol.value.shape == (3, 0)
@@ -94,9 +94,9 @@ def _sqrt_step(y, x, args):
 @pytest.mark.parametrize("solver", [pdyn.ELK(), pdyn.QuasiELK()], ids=["elk", "qelk"])
 def test_step_undefined_at_the_initial_guess(solver):
     # The trajectory is well defined (y_t + x_t > 0 all along), but the step is NaN
-    # at the default initial guess y_t = y0 from t = 6 on (0.1 - 0.2 < 0). ELK used
-    # to fail with RESULTS.nonfinite at the first iteration, like DEER; as the exact
-    # prefix grows, those residuals become finite and the solve succeeds.
+    # at the default initial guess y_t = y0 from t = 6 on (0.1 - 0.2 < 0). ELK does
+    # not fail with RESULTS.nonfinite at the first iteration: as the exact prefix
+    # grows, those residuals become finite and the solve succeeds.
     T = 12
     inputs = jnp.where(jnp.arange(T) < 5, 1.0, -0.2)[:, None]
     y0 = jnp.full(1, 0.1)
