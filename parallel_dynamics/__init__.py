@@ -67,6 +67,7 @@ from ._solver import (
     QuasiELK as QuasiELK,
     QuasiTrustDEER as QuasiTrustDEER,
     Sequential as Sequential,
+    TimeWindow as TimeWindow,
     TrustDEER as TrustDEER,
     TrustRegionNewton as TrustRegionNewton,
 )

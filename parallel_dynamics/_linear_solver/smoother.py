@@ -25,7 +25,8 @@ from .kalman import (
     diagonal_smoother_parallel,
     diagonal_smoother_sequential,
 )
-from .sharded import check_mesh, sharded_kalman_smooth
+from .scan import AutoScan, ParallelScan, SequentialScan
+from .sharded import check_mesh, sharded_kalman_smooth, ShardedScan
 
 
 class DampedBidiagonalOperator(lx.AbstractLinearOperator):
@@ -174,7 +175,7 @@ def kalman_smooth(
     return smoother(diagonal, offsets, x0, observations, per_component, smooth=smooth)
 
 
-class _AbstractKalmanSolver(lx.AbstractLinearSolver):
+class AbstractKalmanSolver(lx.AbstractLinearSolver):
     parallel: eqx.AbstractVar[bool | None]
     radix: eqx.AbstractVar[int | None]
     mesh: eqx.AbstractVar[Mesh | None]
@@ -243,8 +244,18 @@ class _AbstractKalmanSolver(lx.AbstractLinearSolver):
     def assume_full_rank(self):
         return True
 
+    def undamped(self) -> lx.AbstractLinearSolver:
+        """The scan that solves the same system without damping ($\\lambda = 0$, no
+        observations) with the same configuration: sharded over the same mesh,
+        parallel or sequential as `parallel` says."""
+        if self.mesh is not None:
+            return ShardedScan(self.mesh, self.axis_name)  # pyright: ignore
+        if self.parallel is None:
+            return AutoScan()
+        return ParallelScan() if self.parallel else SequentialScan()
 
-class KalmanSmoother(_AbstractKalmanSolver):
+
+class KalmanSmoother(AbstractKalmanSolver):
     """Solves the damped least-squares problem of a
     [`parallel_dynamics.DampedBidiagonalOperator`][] exactly, by Kalman smoothing.
 
@@ -288,7 +299,7 @@ class KalmanSmoother(_AbstractKalmanSolver):
     smooth: ClassVar[bool] = True
 
 
-class KalmanFilter(_AbstractKalmanSolver):
+class KalmanFilter(AbstractKalmanSolver):
     """The causal counterpart of [`parallel_dynamics.KalmanSmoother`][]: the Kalman
     *filter* means $\\mathbb{E}[\\Delta_t \\mid s_{1:t}]$ of the same model, instead of
     the smoother means.

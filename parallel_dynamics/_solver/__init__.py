@@ -8,6 +8,7 @@ from .levenberg_marquardt import (
     FixedDamping as FixedDamping,
     LevenbergMarquardt as LevenbergMarquardt,
     QuasiELK as QuasiELK,
+    TimeWindow as TimeWindow,
 )
 from .newton import (
     AbstractNewton as AbstractNewton,

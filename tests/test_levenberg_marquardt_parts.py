@@ -1,0 +1,222 @@
+"""The parts Levenberg–Marquardt on a trajectory is composed of, each on its own: the
+damping and its acceptance rule, the trust region in time, the gain ratio, the linear
+step and the stopping test."""
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+import parallel_dynamics as pdyn
+from parallel_dynamics._solver.levenberg_marquardt.gain_ratio import gain_ratio
+from parallel_dynamics._solver.levenberg_marquardt.linear_step import (
+    damped_step,
+    newton_step,
+    undamped_solver,
+)
+from parallel_dynamics._solver.levenberg_marquardt.stopping import (
+    FLOOR_STEPS,
+    init_stopping,
+    update_stopping,
+    verifies,
+)
+
+
+def _dense_bidiagonal(blocks: np.ndarray) -> np.ndarray:
+    """The (TD × TD) matrix of the block bidiagonal operator with subdiagonal blocks
+    `-blocks[1:]` (the first block is not coupled to anything)."""
+    length, size, _ = blocks.shape
+    matrix = np.eye(length * size)
+    for t in range(1, length):
+        rows = slice(t * size, (t + 1) * size)
+        matrix[rows, (t - 1) * size : t * size] = -blocks[t]
+    return matrix
+
+
+# --- the damping -----------------------------------------------------------------
+
+
+def test_fixed_damping_accepts_every_step_and_keeps_lambda():
+    damping, memory = pdyn.FixedDamping(1e-3).init(jnp.float64)
+    for ratio in (-1.0, 0.0, 0.5, 1.0):
+        accept, new_damping, new_memory = pdyn.FixedDamping(1e-3).update(
+            damping, memory, jnp.array(ratio)
+        )
+        assert bool(accept)
+        assert float(new_damping) == 1e-3
+        assert float(new_memory) == float(memory)
+
+
+@pytest.mark.parametrize(
+    "ratio, factor",
+    [(1.0, 1 / 3), (0.75, 1 - 0.5**3), (0.5, 1.0), (0.25, 1 - (-0.5) ** 3)],
+)
+def test_adaptive_damping_shrinks_by_nielsens_factor_on_acceptance(ratio, factor):
+    rule = pdyn.AdaptiveDamping(initial=2.0)
+    damping, memory = rule.init(jnp.float64)
+    accept, new_damping, new_memory = rule.update(damping, memory, jnp.array(ratio))
+    assert bool(accept)
+    assert float(new_damping) == pytest.approx(2.0 * min(max(factor, 1 / 3), 2.0))
+    assert float(new_memory) == 2.0
+
+
+def test_adaptive_damping_grows_ever_faster_on_rejection():
+    rule = pdyn.AdaptiveDamping(initial=1.0, max_damping=1e3)
+    damping, memory = rule.init(jnp.float64)
+    dampings = []
+    for _ in range(4):
+        accept, damping, memory = rule.update(damping, memory, jnp.array(-1.0))
+        assert not bool(accept)
+        dampings.append(float(damping))
+    # ν doubles after every rejection: λ is multiplied by 2, 4, 8, 16.
+    assert dampings == [2.0, 8.0, 64.0, 1e3]
+    accept, damping, memory = rule.update(damping, memory, jnp.array(1e-5))
+    assert not bool(accept)  # below `accept_ratio`
+
+
+# --- the trust region in time ----------------------------------------------------
+
+
+def test_time_window_covers_the_times_after_the_first_unconverged_state():
+    window = pdyn.TimeWindow()
+    times = jnp.arange(10)
+    active = window.active(times, jnp.array(2), jnp.array(10), jnp.array(3))
+    np.testing.assert_array_equal(np.flatnonzero(active), [3, 4, 5])
+    # It ends before the first time at which the step cannot be evaluated.
+    active = window.active(times, jnp.array(2), jnp.array(4), jnp.array(3))
+    np.testing.assert_array_equal(np.flatnonzero(active), [3])
+    assert int(window.init(10)) == 10
+
+
+@pytest.mark.parametrize(
+    "accepted, ratio, damping, expected",
+    [
+        (True, 0.9, 0.1, 8),  # a good step doubles it
+        (True, 0.9, 10.0, 8),
+        (True, 0.1, 0.1, 4),  # a mediocre one keeps it
+        (False, -1.0, 0.1, 4),  # the damping defends first
+        (False, -1.0, 1.0, 2),  # a strongly damped step failed: halve
+    ],
+)
+def test_time_window_grows_and_shrinks_with_the_outcome(
+    accepted, ratio, damping, expected
+):
+    size = pdyn.TimeWindow().update(
+        jnp.array(4), 100, jnp.array(accepted), jnp.array(ratio), jnp.array(damping)
+    )
+    assert int(size) == expected
+    assert int(pdyn.TimeWindow().update(jnp.array(64), 100, True, 1.0, 0.0)) == 100
+    assert int(pdyn.TimeWindow().update(jnp.array(1), 100, False, -1.0, 2.0)) == 1
+
+
+# --- the gain ratio --------------------------------------------------------------
+
+
+def test_gain_ratio_is_actual_over_predicted_decrease_on_the_window():
+    residual = jnp.array([[3.0], [2.0], [100.0]])
+    model = jnp.array([[1.0], [0.0], [50.0]])
+    trial = jnp.array([[2.0], [1.0], [-7.0]])
+    where = jnp.array([True, True, False])
+    ratio, actual = gain_ratio(residual, model, trial, where)
+    # ‖F‖² = 13 on the window; the model predicts 1, the trial gives 5.
+    assert float(actual) == pytest.approx(8.0)
+    assert float(ratio) == pytest.approx(8.0 / 12.0)
+    # No predicted decrease: ratio 0 whatever happened.
+    ratio, _ = gain_ratio(residual, residual, trial, where)
+    assert float(ratio) == 0.0
+
+
+# --- the linear step -------------------------------------------------------------
+
+
+def _random_system(key, length=6, size=3):
+    k1, k2 = jax.random.split(key)
+    blocks = 0.8 * jax.random.normal(k1, (length, size, size))
+    residual = jax.random.normal(k2, (length, size))
+    return blocks, residual
+
+
+@pytest.mark.parametrize("solver", [pdyn.KalmanSmoother(), pdyn.KalmanSmoother(False)])
+def test_damped_step_solves_the_damped_least_squares_problem(solver):
+    blocks, residual = _random_system(jax.random.key(0))
+    length, size = residual.shape
+    damping = jnp.array([0.1, 0.5, 2.0, 0.01, 1.0, 0.3])
+    bidiagonal = pdyn.BlockBidiagonalOperator(pdyn.DenseBlocks(blocks))
+    step = damped_step(bidiagonal, residual, damping, solver)
+    matrix = _dense_bidiagonal(np.asarray(blocks))
+    weights = np.repeat(np.asarray(damping), size)
+    normal = matrix.T @ matrix + np.diag(weights)
+    expected = np.linalg.solve(normal, matrix.T @ np.asarray(residual).ravel())
+    np.testing.assert_allclose(step.ravel(), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_newton_step_solves_the_undamped_system():
+    blocks, residual = _random_system(jax.random.key(1))
+    bidiagonal = pdyn.BlockBidiagonalOperator(pdyn.DenseBlocks(blocks))
+    for solver in (pdyn.KalmanSmoother(), pdyn.KalmanFilter(parallel=True)):
+        step = newton_step(bidiagonal, residual, solver)
+        expected = np.linalg.solve(
+            _dense_bidiagonal(np.asarray(blocks)), np.asarray(residual).ravel()
+        )
+        np.testing.assert_allclose(step.ravel(), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_undamped_solver_follows_the_configuration_of_the_damped_one():
+    assert isinstance(undamped_solver(pdyn.KalmanSmoother()), pdyn.AutoScan)
+    assert isinstance(
+        undamped_solver(pdyn.KalmanSmoother(parallel=True)), pdyn.ParallelScan
+    )
+    assert isinstance(
+        undamped_solver(pdyn.KalmanFilter(parallel=False)), pdyn.SequentialScan
+    )
+    assert isinstance(undamped_solver(lx.LU()), pdyn.AutoScan)
+    mesh = jax.make_mesh((1,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = undamped_solver(pdyn.KalmanSmoother(mesh=mesh))
+    assert isinstance(sharded, pdyn.ShardedScan)
+    assert sharded.mesh is mesh
+
+
+# --- stopping --------------------------------------------------------------------
+
+
+def _stop(state, **overrides):
+    arguments = dict(
+        newton=jnp.array(False),
+        accepted=jnp.array(True),
+        progress=jnp.array(True),
+        all_converged=jnp.array(True),
+        now_converged=jnp.array(True),
+        diffsize=jnp.array(0.5),
+        superlinear=True,
+        rounding=jnp.array(False),
+    )
+    arguments.update({k: jnp.asarray(v) for k, v in overrides.items()})
+    return update_stopping(state, **arguments)
+
+
+def test_stopping_verifies_with_undamped_steps():
+    state = init_stopping(jnp.float64)
+    assert bool(verifies(state, jnp.array(True)))
+    assert not bool(verifies(state, jnp.array(False)))
+    # A first accepted verification step of size 0.5: superlinear, so enough.
+    done, state = _stop(state, newton=True)
+    assert bool(done)
+    # A failed verification makes the next step a damped one, until one helps.
+    done, state = _stop(init_stopping(jnp.float64), newton=True, accepted=False)
+    assert not bool(done)
+    assert not bool(verifies(state, jnp.array(True)))
+    _, state = _stop(state, progress=True)
+    assert bool(verifies(state, jnp.array(True)))
+
+
+def test_stopping_at_the_rounding_floor_after_steps_without_progress():
+    state = init_stopping(jnp.float64)
+    _, state = _stop(state, newton=True, accepted=False)
+    for i in range(FLOOR_STEPS):
+        done, state = _stop(state, accepted=False, progress=False)
+        assert bool(done) == (i == FLOOR_STEPS - 1)
+    # Not while some defect is above tolerance.
+    _, state = _stop(state, accepted=False, progress=False, now_converged=False)
+    done, _ = _stop(state, accepted=False, progress=False, now_converged=False)
+    assert not bool(done)
