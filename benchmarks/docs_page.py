@@ -798,7 +798,7 @@ def _profile_section() -> list[str]:
         "(rows marked †: the linear recurrence of the solvers, and `lax.scan`), "
         "the profiler's cost per event (about a microsecond) swamps the "
         "operations' own, and the loop's time is measured without the profiler "
-        "instead: the same recurrence solved alone (`pdyn.sequential_scan`) for "
+        "instead: the same recurrence solved alone (`pdyn.internal.sequential_scan`) for "
         "the solvers, the wall time less the rest for `lax.scan`; within such a "
         "loop the split between operations follows their traced times, i.e. "
         "mostly their number. Elsewhere a loop compiled into one operation cannot "

@@ -77,7 +77,7 @@ SOLVERS = {
 def _recurrence(y0, xs, cell) -> pdyn.Recurrence:
     return pdyn.Recurrence(
         step=gru_step,
-        layout=pdyn.StateLayout.of(y0),
+        layout=pdyn.internal.StateLayout.of(y0),
         y0=y0,
         inputs=xs,
         args=cell,
@@ -135,9 +135,9 @@ def run_dim(size: int, budget_s: float) -> dict:
     _, diagonal_blocks = linearise(pdyn.ExactDiagonal(), recurrence, previous)
     _, dense_blocks = linearise(pdyn.DenseJacobian(), recurrence, previous)
     auto = jax.jit(lambda b, o: auto_scan(b, o))
-    sequential = jax.jit(pdyn.sequential_scan)
-    associative = jax.jit(pdyn.parallel_scan)
-    chunked = jax.jit(pdyn.chunked_scan)
+    sequential = jax.jit(pdyn.internal.sequential_scan)
+    associative = jax.jit(pdyn.internal.parallel_scan)
+    chunked = jax.jit(pdyn.internal.chunked_scan)
 
     fns = {
         "lax.scan": lambda: scan(y0, xs, cell),

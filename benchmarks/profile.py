@@ -46,7 +46,7 @@ at D = 16: 3 to 5 ms untraced, 25 to 90 ms traced), so their traced times cannot
 be used. The operations that run at least T times per solve get an untraced time
 first, and the other operations the rest of the wall time: for a solver, its
 iterations times the untraced time of the same linear recurrence solved alone
-(`pdyn.sequential_scan`, what `AutoScan` runs on a CPU, on blocks of the same
+(`pdyn.internal.sequential_scan`, what `AutoScan` runs on a CPU, on blocks of the same
 structure and shape, timed side by side with the solves); for `lax.scan`, its wall
 time minus its other operations' traced time. That time is split between the loop's
 operations in proportion to their traced times, which the profiler's cost per event
@@ -539,7 +539,7 @@ def run_dim(size: int, solves: int, budget_s: float) -> dict:
         for name, spec in SOLVERS.items()
     }
     timed = {name: (lambda fn=fn: fn(*args)) for name, fn in fns.items()}
-    scan = jax.jit(pdyn.sequential_scan)
+    scan = jax.jit(pdyn.internal.sequential_scan)
     offsets = jnp.ones((LENGTH, size))
     for kind in ("diagonal", "dense"):
         timed[f"scan {kind}"] = lambda b=_blocks(kind, size): scan(b, offsets)

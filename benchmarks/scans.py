@@ -72,18 +72,20 @@ def run_case(structure: str, length: int, size: int, budget_s: float) -> list[di
         ]
     blocks = make_blocks(structure, length, size)
     offsets = jr.normal(jr.key(1), (length, size), jnp.float32)
-    reference = jax.jit(pdyn.sequential_scan)
+    reference = jax.jit(pdyn.internal.sequential_scan)
     expected = reference(blocks, offsets)
     auto_size = default_chunk_size(length, blocks)
     variants = {
         "sequential": reference,
-        "associative": jax.jit(pdyn.parallel_scan),
-        f"chunked auto (L={auto_size})": jax.jit(pdyn.chunked_scan),
+        "associative": jax.jit(pdyn.internal.parallel_scan),
+        f"chunked auto (L={auto_size})": jax.jit(pdyn.internal.chunked_scan),
     }
     for chunk in CHUNK_SIZES:
         if chunk != auto_size and chunk < length:
             variants[f"chunked L={chunk}"] = jax.jit(
-                lambda b, o, chunk=chunk: pdyn.chunked_scan(b, o, chunk_size=chunk)
+                lambda b, o, chunk=chunk: pdyn.internal.chunked_scan(
+                    b, o, chunk_size=chunk
+                )
             )
     variants["AutoScan"] = jax.jit(
         lambda b, o: pdyn.AutoScan()._solve(b, o, reverse=False)

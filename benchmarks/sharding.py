@@ -65,7 +65,7 @@ def collectives(text):
     return out
 
 ref = pdyn.solve(step, pdyn.Sequential(), y0, xs, w).value
-xs_sharded = pdyn.shard_time(xs, mesh)
+xs_sharded = pdyn.internal.shard_time(xs, mesh)
 rows = []
 for name, solver, blocks in (
     ("diagonal", pdyn.QuasiDEER(linear_solver=scan),
@@ -82,9 +82,9 @@ for name, solver, blocks in (
         jax.block_until_ready(run(xs_sharded, w).value)
         times.append(time.perf_counter() - start)
     solve_hlo = run.lower(xs_sharded, w).compile().as_text()
-    one_scan = jax.jit(lambda b, o: pdyn.sharded_scan(b, o, mesh=mesh))
-    blocks = pdyn.shard_time(blocks, mesh)
-    offsets = pdyn.shard_time(xs, mesh)
+    one_scan = jax.jit(lambda b, o: pdyn.internal.sharded_scan(b, o, mesh=mesh))
+    blocks = pdyn.internal.shard_time(blocks, mesh)
+    offsets = pdyn.internal.shard_time(xs, mesh)
     scan_hlo = one_scan.lower(blocks, offsets).compile().as_text()
     per_summary = D * D + D if name == "dense" else 2 * D
     gathered_hlo = sum(b for k, b in collectives(scan_hlo) if k == "all-gather")
@@ -116,9 +116,9 @@ for name, blocks in (
 ):
     obs = jax.random.normal(k1, (T, D))
     def damped(blocks, b, obs, mesh):
-        return pdyn.kalman_smooth(blocks, b, obs, 1.0, parallel=False, mesh=mesh)
+        return pdyn.internal.kalman_smooth(blocks, b, obs, 1.0, parallel=False, mesh=mesh)
     ref = jax.jit(lambda *a: damped(*a, None))(blocks, xs, obs)
-    placed = pdyn.shard_time((blocks, xs, obs), mesh)
+    placed = pdyn.internal.shard_time((blocks, xs, obs), mesh)
     run = jax.jit(lambda *a: damped(*a, mesh))
     got = run(*placed)
     hlo = run.lower(*placed).compile().as_text()

@@ -26,7 +26,7 @@ scan = pdyn.ShardedScan(mesh)
 T, D = 1024 * devices, 16  # T divisible by the device count
 key_w, key_x = jax.random.split(jax.random.key(0))
 w = 0.8 * jax.random.normal(key_w, (D, D)) / jnp.sqrt(D)
-xs = pdyn.shard_time(jax.random.normal(key_x, (T, D)), mesh)
+xs = pdyn.internal.shard_time(jax.random.normal(key_x, (T, D)), mesh)
 y0 = jnp.zeros(D)
 
 

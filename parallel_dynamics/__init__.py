@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import internal as internal
 from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._blocks import (
     AbstractBlocks as AbstractBlocks,
@@ -28,25 +29,16 @@ from ._linear_solver import (
     AutoScan as AutoScan,
     ChunkedScan as ChunkedScan,
     DampedBidiagonalOperator as DampedBidiagonalOperator,
-    dense_blocks_from_operator as dense_blocks_from_operator,
     IterativeScan as IterativeScan,
-    kalman_smooth as kalman_smooth,
     KalmanFilter as KalmanFilter,
     KalmanSmoother as KalmanSmoother,
     MatrixFreeScan as MatrixFreeScan,
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
-    shard_time as shard_time,
-    sharded_scan as sharded_scan,
     ShardedScan as ShardedScan,
 )
 from ._operator import BlockBidiagonalOperator as BlockBidiagonalOperator
-from ._problem import Recurrence as Recurrence, StateLayout as StateLayout
-from ._scan import (
-    chunked_scan as chunked_scan,
-    parallel_scan as parallel_scan,
-    sequential_scan as sequential_scan,
-)
+from ._problem import Recurrence as Recurrence
 from ._solve import solve as solve
 from ._solver import (
     AbstractDamping as AbstractDamping,

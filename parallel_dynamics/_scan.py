@@ -92,7 +92,7 @@ def sequential_scan(
 
 
 def default_chunk_size(length: int, blocks: AbstractBlocks | None = None) -> int:
-    """The chunk size $L$ that [`parallel_dynamics.chunked_scan`][] uses by default.
+    """The chunk size $L$ that [`parallel_dynamics.internal.chunked_scan`][] uses by default.
 
     A chunked scan makes two sequential sweeps of $L$ steps (each vectorised over the
     $C = \\lceil T / L \\rceil$ chunks) and one parallel scan over the $C$ chunk
@@ -233,7 +233,7 @@ def chunked_scan(
         import parallel_dynamics as pdyn
 
         blocks = pdyn.DiagonalBlocks(0.9 * jnp.ones((1000, 4)))
-        v = pdyn.chunked_scan(blocks, jnp.ones((1000, 4)), chunk_size=32)
+        v = pdyn.internal.chunked_scan(blocks, jnp.ones((1000, 4)), chunk_size=32)
         ```
     """
     out = _trivial(blocks, offsets, reverse)

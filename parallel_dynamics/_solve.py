@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 import numpy as np
 import optimistix as optx
 from jax.sharding import Mesh, PartitionSpec
@@ -105,7 +106,7 @@ def _initial_guess(init: PyTree | None, y0: PyTree, layout: StateLayout, length:
 
 def solve(
     step: Callable,
-    solver: optx.AbstractRootFinder,
+    solver: AbstractRecurrenceSolver,
     y0: PyTree[ArrayLike],
     inputs: PyTree[ArrayLike] | None = None,
     args: PyTree = None,
@@ -152,7 +153,8 @@ def solve(
         only.
     - `adjoint`: how to differentiate: [`parallel_dynamics.ImplicitAdjoint`][] (the
         default) uses the implicit function theorem with a reverse parallel scan, never
-        backpropagating through the iterations. Keyword only.
+        backpropagating through the iterations. `optimistix.ImplicitAdjoint()` with
+        its default dense linear solver raises a `ValueError`. Keyword only.
     - `throw`: if `True`, a failed solve (maximum steps reached, non-finite values,
         divergence) raises an error that says what happened and what to try, as
         `optimistix.root_find` does. If `False`, the failure is reported in
@@ -215,7 +217,7 @@ def solve(
 @eqx.filter_jit
 def _solve(
     step: Callable,
-    solver: optx.AbstractRootFinder,
+    solver: AbstractRecurrenceSolver,
     y0: PyTree[ArrayLike],
     inputs: PyTree[ArrayLike] | None,
     args: PyTree,
@@ -234,6 +236,16 @@ def _solve(
     if not isinstance(adjoint, optx.AbstractAdjoint):
         raise TypeError(
             f"`adjoint` must be an `optimistix.AbstractAdjoint`, got {adjoint!r}."
+        )
+    if isinstance(adjoint, optx.ImplicitAdjoint) and isinstance(
+        adjoint.linear_solver, lx.AutoLinearSolver
+    ):
+        raise ValueError(
+            "`adjoint=optimistix.ImplicitAdjoint()` solves the adjoint system with "
+            "`lineax.AutoLinearSolver`, which materialises the dense (T D) x (T D) "
+            "Jacobian of the residual. Use `pdyn.ImplicitAdjoint()`, which solves it "
+            "with a reverse scan (or pass one of this library's scan solvers as "
+            "`optimistix.ImplicitAdjoint(linear_solver=...)`)."
         )
     if not callable(step):
         raise TypeError(f"`step` must be callable, got {type(step).__name__}.")

@@ -58,7 +58,7 @@ def _associative_scan(blocks, offsets, reverse=False):
 
 
 chunked = jax.jit(
-    lambda b, o, c, r: pdyn.chunked_scan(b, o, chunk_size=c, reverse=r),
+    lambda b, o, c, r: pdyn.internal.chunked_scan(b, o, chunk_size=c, reverse=r),
     static_argnums=(2, 3),
 )
 
@@ -76,7 +76,7 @@ def test_chunked_matches_lax_scans(structure, reverse):
         got = chunked(blocks, offsets, chunk_size, reverse)
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(
-        pdyn.parallel_scan(blocks, offsets, reverse=reverse),
+        pdyn.internal.parallel_scan(blocks, offsets, reverse=reverse),
         expected,
         rtol=1e-10,
         atol=1e-12,
@@ -90,7 +90,7 @@ def test_chunked_accelerator_path(structure, monkeypatch):
     assert default_chunk_size(LENGTH) == 8
     blocks, offsets = _blocks(structure), _offsets()
     for reverse in (False, True):
-        got = pdyn.chunked_scan(blocks, offsets, reverse=reverse)
+        got = pdyn.internal.chunked_scan(blocks, offsets, reverse=reverse)
         expected = _lax_scan(blocks, offsets, reverse)
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
         auto = pdyn.AutoScan()._solve(blocks, offsets, reverse)
@@ -115,12 +115,17 @@ def test_chunked_scan_solver_and_transpose(structure):
 def test_chunked_float32_jit_vmap():
     blocks = _blocks("diagonal", dtype=jnp.float32)
     offsets = jnp.stack([_offsets(dtype=jnp.float32), -_offsets(dtype=jnp.float32)])
-    fn = jax.jit(jax.vmap(lambda b: pdyn.chunked_scan(blocks, b, chunk_size=4)))
+    fn = jax.jit(
+        jax.vmap(lambda b: pdyn.internal.chunked_scan(blocks, b, chunk_size=4))
+    )
     got = fn(offsets)
     assert got.dtype == jnp.float32
     for i in range(2):
         np.testing.assert_allclose(
-            got[i], pdyn.sequential_scan(blocks, offsets[i]), rtol=1e-5, atol=1e-6
+            got[i],
+            pdyn.internal.sequential_scan(blocks, offsets[i]),
+            rtol=1e-5,
+            atol=1e-6,
         )
 
 
@@ -129,14 +134,15 @@ def test_chunked_trivial_structures():
     identity = pdyn.IdentityBlocks(LENGTH, SIZE, np.dtype(jnp.float64))
     zero = pdyn.ZeroBlocks(LENGTH, SIZE, np.dtype(jnp.float64))
     np.testing.assert_allclose(
-        pdyn.chunked_scan(identity, offsets, chunk_size=3), jnp.cumsum(offsets, 0)
+        pdyn.internal.chunked_scan(identity, offsets, chunk_size=3),
+        jnp.cumsum(offsets, 0),
     )
-    np.testing.assert_allclose(pdyn.chunked_scan(zero, offsets), offsets)
+    np.testing.assert_allclose(pdyn.internal.chunked_scan(zero, offsets), offsets)
 
 
 def test_chunked_length_one():
     blocks, offsets = _blocks("dense", length=1), _offsets(length=1)
-    np.testing.assert_allclose(pdyn.chunked_scan(blocks, offsets), offsets)
+    np.testing.assert_allclose(pdyn.internal.chunked_scan(blocks, offsets), offsets)
 
 
 def test_default_chunk_size_rule():
@@ -152,7 +158,7 @@ def test_autoscan_on_cpu_is_sequential():
     blocks, offsets = _blocks("dense"), _offsets()
     np.testing.assert_array_equal(
         pdyn.AutoScan()._solve(blocks, offsets, False),
-        pdyn.sequential_scan(blocks, offsets),
+        pdyn.internal.sequential_scan(blocks, offsets),
     )
 
 

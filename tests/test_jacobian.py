@@ -41,7 +41,7 @@ CASES = {
 
 def _problem(name):
     step, y0, inputs, args, length = CASES[name](jnp.float64, length=LENGTH)
-    layout = pdyn.StateLayout.of(y0)
+    layout = pdyn.internal.StateLayout.of(y0)
     recurrence = pdyn.Recurrence(
         step=step,
         layout=layout,

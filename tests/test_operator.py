@@ -128,7 +128,7 @@ def test_dense_blocks_recovered_from_a_generic_operator():
     blocks = _blocks("dense")
     operator = pdyn.BlockBidiagonalOperator(blocks)
     generic = lx.FunctionLinearOperator(operator.mv, operator.in_structure())
-    recovered = pdyn.dense_blocks_from_operator(generic)
+    recovered = pdyn.internal.dense_blocks_from_operator(generic)
     np.testing.assert_allclose(recovered.matrices[1:], blocks.matrices[1:], rtol=1e-12)
     np.testing.assert_allclose(recovered.matrices[0], 0.0)
     b = jr.normal(jr.key(7), (LENGTH, SIZE))
@@ -137,7 +137,9 @@ def test_dense_blocks_recovered_from_a_generic_operator():
     np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
-@pytest.mark.parametrize("scan", [pdyn.parallel_scan, pdyn.sequential_scan])
+@pytest.mark.parametrize(
+    "scan", [pdyn.internal.parallel_scan, pdyn.internal.sequential_scan]
+)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_scan_functions_solve_the_recurrence(scan, reverse):
     blocks = _blocks("dense")
@@ -151,7 +153,7 @@ def test_scan_functions_solve_the_recurrence(scan, reverse):
         expected[t] = v
     np.testing.assert_allclose(scan(blocks, b, reverse=reverse), expected, rtol=1e-10)
     np.testing.assert_allclose(
-        pdyn.chunked_scan(blocks, b, chunk_size=4, reverse=reverse),
+        pdyn.internal.chunked_scan(blocks, b, chunk_size=4, reverse=reverse),
         expected,
         rtol=1e-10,
     )

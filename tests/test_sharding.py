@@ -53,10 +53,10 @@ _SCRIPT = textwrap.dedent(
         # inputs are placed on the mesh unsharded, and the scans pad internally.
         if x.shape[0] % 4:
             return jax.device_put(x, replicated)
-        return pdyn.shard_time(x, mesh)
+        return pdyn.internal.shard_time(x, mesh)
 
     try:
-        pdyn.shard_time(jnp.zeros((13, D)), mesh)
+        pdyn.internal.shard_time(jnp.zeros((13, D)), mesh)
         out["uneven_error"] = ""
     except ValueError as e:
         out["uneven_error"] = str(e)
@@ -216,11 +216,11 @@ _SCRIPT = textwrap.dedent(
     long_obs = jax.random.normal(keys[2], (T, D8))
     for parallel in (False, True):
         for smooth in (True, False):
-            ref = pdyn.kalman_smooth(
+            ref = pdyn.internal.kalman_smooth(
                 long_dense, long_r, long_obs, 1.0, parallel=parallel, smooth=smooth
             )
             got = jax.jit(
-                lambda *a: pdyn.kalman_smooth(
+                lambda *a: pdyn.internal.kalman_smooth(
                     *a, 1.0, parallel=parallel, smooth=smooth, mesh=mesh
                 )
             )(*map(place, (long_dense, long_r, long_obs)))

@@ -213,7 +213,7 @@ def test_stochastic_diagonal_is_deterministic_given_key():
 def test_solvers_work_with_optimistix_root_find_directly():
     step, y0, inputs, args, length = ZOO["tanh_rnn"](jnp.float64)
     expected = scan_reference(step, y0, inputs, args)
-    layout = pdyn.StateLayout.of(y0)
+    layout = pdyn.internal.StateLayout.of(y0)
     recurrence = pdyn.Recurrence(
         step=step, layout=layout, y0=y0, inputs=inputs, args=args, length=length
     )

@@ -177,6 +177,11 @@ MATRIX = {
         TypeError,
         r"`adjoint`.*`ImplicitAdjoint\(\)`",
     ),
+    "adjoint optimistix ImplicitAdjoint": (
+        dict(adjoint=optx.ImplicitAdjoint()),
+        ValueError,
+        r"`adjoint=optimistix.ImplicitAdjoint\(\)`.*dense.*`pdyn.ImplicitAdjoint\(\)`",
+    ),
 }
 
 

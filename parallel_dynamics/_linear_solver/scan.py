@@ -47,7 +47,7 @@ class AbstractScanSolver(lx.AbstractLinearSolver[_ScanState]):
 
     `init` accepts a [`parallel_dynamics.BlockBidiagonalOperator`][], or any other
     operator on `(T, D)` arrays with that (lower) structure, whose dense blocks are then
-    recovered by [`parallel_dynamics.dense_blocks_from_operator`][]. `transpose` turns a
+    recovered by [`parallel_dynamics.internal.dense_blocks_from_operator`][]. `transpose` turns a
     forward scan into the reverse scan of the transposed system, which is how gradients
     are computed.
     """
@@ -120,7 +120,7 @@ class ChunkedScan(AbstractScanSolver):
     (reverse) system.
 
     With `chunk_size=None` the chunk size is chosen automatically, as in
-    [`parallel_dynamics.chunked_scan`][]: $L = 8$ with fully unrolled sweeps on
+    [`parallel_dynamics.internal.chunked_scan`][]: $L = 8$ with fully unrolled sweeps on
     accelerators (where it measured fastest), $L \\approx \\sqrt{T}$ on CPU.
 
     !!! Example
@@ -189,6 +189,6 @@ SequentialScan.__init__.__doc__ = """**Arguments:** Nothing."""
 ChunkedScan.__init__.__doc__ = """**Arguments:**
 
 - `chunk_size`: the number of time steps per chunk. Defaults to the automatic rule of
-    [`parallel_dynamics.chunked_scan`][] ($8$ on accelerators, about $\\sqrt{T}$ on
+    [`parallel_dynamics.internal.chunked_scan`][] ($8$ on accelerators, about $\\sqrt{T}$ on
     CPU).
 """

@@ -127,7 +127,7 @@ def shard_time(x, mesh: Mesh, axis_name: str = "time"):
 
         n = jax.device_count()
         mesh = jax.make_mesh((n,), ("time",), axis_types=(AxisType.Auto,))
-        xs = pdyn.shard_time(jnp.zeros((8 * n, 3)), mesh)
+        xs = pdyn.internal.shard_time(jnp.zeros((8 * n, 3)), mesh)
         ```
     """
     sharding = NamedSharding(mesh, PartitionSpec(axis_name))
@@ -304,7 +304,7 @@ def sharded_scan(
 
 class ShardedScan(AbstractScanSolver):
     """Solves a block bidiagonal system with its time axis sharded across devices
-    (sequence parallelism), by [`parallel_dynamics.sharded_scan`][].
+    (sequence parallelism), by [`parallel_dynamics.internal.sharded_scan`][].
 
     Each device of the mesh axis `axis_name` scans its own contiguous chunk of the time
     axis with the `local` scan; only the $P$ chunk summaries (one affine map per
@@ -325,7 +325,7 @@ class ShardedScan(AbstractScanSolver):
 
         n = jax.device_count()
         mesh = jax.make_mesh((n,), ("time",), axis_types=(AxisType.Auto,))
-        xs = pdyn.shard_time(jnp.ones((256 * n, 4)), mesh)
+        xs = pdyn.internal.shard_time(jnp.ones((256 * n, 4)), mesh)
         scan = pdyn.ShardedScan(mesh)
         step = lambda y, x, args: jnp.tanh(0.5 * y + x)
         sol = pdyn.solve(
@@ -548,7 +548,7 @@ def sharded_kalman_smooth(
     2. **Smoother.** The smoothing elements $x_t = E_t x_{t+1} + g_t$ need the next
        step's transition and offset: the last step of each chunk receives them from the
        right neighbour (one `jax.lax.ppermute` of one block and one vector). They form
-       a reverse affine recurrence, solved like [`parallel_dynamics.sharded_scan`][]:
+       a reverse affine recurrence, solved like [`parallel_dynamics.internal.sharded_scan`][]:
        the $P$ chunk summaries ($D^2 + D$ numbers dense, $2D$ diagonal, $Dk + D$
        block-diagonal) are all-gathered and each device applies its carry-in.
 
