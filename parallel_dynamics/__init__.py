@@ -39,7 +39,7 @@ from ._linear_solver import (
 )
 from ._operator import BlockBidiagonalOperator as BlockBidiagonalOperator
 from ._problem import Recurrence as Recurrence
-from ._solve import solve as solve
+from ._solve import root_find_problem as root_find_problem, solve as solve
 from ._solver import (
     AbstractDamping as AbstractDamping,
     AbstractLevenbergMarquardt as AbstractLevenbergMarquardt,

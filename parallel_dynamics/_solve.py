@@ -214,6 +214,78 @@ def solve(
     )
 
 
+def _bind(
+    step: Callable, y0: PyTree, inputs: PyTree, args: PyTree, length: int
+) -> Recurrence:
+    """The [`parallel_dynamics.Recurrence`][] of a checked `y0` and `length`: the step
+    closure-converted (arrays it closes over become leaves, differentiated like
+    `args`) and its output checked against `y0`."""
+    x_struct = jax.eval_shape(lambda: jtu.tree_map(lambda x: x[0], inputs))
+    closed_step = eqx.filter_closure_convert(step, y0, x_struct, args)
+    check_step_output(closed_step.out_struct, y0)  # pyright: ignore
+    layout = StateLayout.of(y0)
+    return Recurrence(
+        step=closed_step,
+        layout=layout,
+        y0=layout.flatten(y0),
+        inputs=inputs,
+        args=args,
+        length=length,
+    )
+
+
+def root_find_problem(
+    step: Callable,
+    y0: PyTree[ArrayLike],
+    inputs: PyTree[ArrayLike] | None = None,
+    args: PyTree = None,
+    *,
+    length: int | None = None,
+) -> tuple[Callable[[Array, Recurrence], Array], Recurrence]:
+    """The recurrence $y_t = f(y_{t-1}, x_t, \\theta)$ as a root-finding problem for
+    `optimistix.root_find`, to be solved with any recurrence solver.
+
+    [`parallel_dynamics.solve`][] wraps the same call, with the checks, the verification
+    of exhausted solves and the PyTree layout of the result around it. Use this to
+    call Optimistix yourself, e.g. with your own `max_steps`, `adjoint` or `throw`.
+
+    **Arguments:**
+
+    - `step`, `y0`, `inputs`, `args`, `length`: as for [`parallel_dynamics.solve`][].
+
+    **Returns:**
+
+    A pair `(fn, recurrence)`: `fn(y, recurrence)` is the residual
+    $F(Y)_t = y_t - f(y_{t-1}, x_t, \\theta)$ of a flat trajectory `y` of shape
+    `(T, D)` ($D$ the total size of the state's leaves), and `recurrence` the
+    [`parallel_dynamics.Recurrence`][] to pass as `args`. The recurrence solvers
+    require it as their `args`. `recurrence.layout.unflatten_trajectory` turns a flat
+    trajectory into the PyTree layout of `y0` with a leading time axis.
+
+    !!! Example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import optimistix as optx
+        import parallel_dynamics as pdyn
+
+        def step(h, x, w):
+            return jnp.tanh(w * h + x)
+
+        xs = jax.random.normal(jax.random.key(0), (1000, 8))
+        fn, args = pdyn.root_find_problem(step, jnp.zeros(8), xs, 0.5)
+        init = jnp.zeros((1000, 8))  # the flat (T, D) trajectory
+        sol = optx.root_find(fn, pdyn.DEER(), init, args, max_steps=1000)
+        ```
+    """
+    if not callable(step):
+        raise TypeError(f"`step` must be callable, got {type(step).__name__}.")
+    check_state(y0)
+    length = _sequence_length(inputs, static_int("length", length))
+    return recurrence_residual, _bind(step, y0, inputs, args, length)
+
+
 @eqx.filter_jit
 def _solve(
     step: Callable,
@@ -264,20 +336,9 @@ def _solve(
             f"iteration counter's dtype), got {max_steps}."
         )
 
-    x_struct = jax.eval_shape(lambda: jtu.tree_map(lambda x: x[0], inputs))
-    closed_step = eqx.filter_closure_convert(step, y0, x_struct, args)
-    check_step_output(closed_step.out_struct, y0)  # pyright: ignore
-
-    layout = StateLayout.of(y0)
+    recurrence = _bind(step, y0, inputs, args, length)
+    layout = recurrence.layout
     guess = _initial_guess(init, y0, layout, length)
-    recurrence = Recurrence(
-        step=closed_step,
-        layout=layout,
-        y0=layout.flatten(y0),
-        inputs=inputs,
-        args=args,
-        length=length,
-    )
     sol = optx.root_find(
         recurrence_residual,
         solver,
