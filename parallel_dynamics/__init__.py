@@ -12,6 +12,7 @@ from ._blocks import (
     IdentityBlocks as IdentityBlocks,
     ZeroBlocks as ZeroBlocks,
 )
+from ._coarse import CoarseGuess as CoarseGuess
 from ._diagnostics import lyapunov_exponent as lyapunov_exponent
 from ._diffrax import diffeqsolve as diffeqsolve
 from ._jacobian import (

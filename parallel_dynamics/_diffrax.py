@@ -21,8 +21,10 @@ from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, PyTree, Real
 
 from ._adjoint import ImplicitAdjoint
+from ._coarse import coarse_guess, CoarseGuess
 from ._linear_solver import shard_time
 from ._linear_solver.sharded import time_mesh
+from ._slices import fill_slices, num_slices, slice_ends, slice_inputs, SliceStep
 from ._solve import check_recurrence_solver, checked_token, solve
 from ._solver import TrustDEER
 
@@ -562,9 +564,10 @@ _MAX_STEPS_MESSAGE = (
     "`max_steps` iterations (here `max_steps` counts iterations over the whole "
     "trajectory, not solver steps). `max_steps=None` allows as many iterations as there "
     "are steps, which always suffices. Chaotic or stiff dynamics converge slowly (see "
-    "`pdyn.lyapunov_exponent`): try `parallel=pdyn.TrustDEER()` if this was a quasi or "
-    "damped solver, `parallel=pdyn.Sequential()`, or `diffrax.diffeqsolve`; pass "
-    "`throw=False` to inspect the result."
+    "`pdyn.lyapunov_exponent`): try `coarse=pdyn.CoarseGuess()` (a better initial "
+    "guess), `parallel=pdyn.TrustDEER()` if this was a quasi or damped solver, "
+    "`parallel=pdyn.Sequential()`, or `diffrax.diffeqsolve`; pass `throw=False` to "
+    "inspect the result."
 )
 _NONFINITE_MESSAGE = (
     "parallel_dynamics.diffeqsolve: the solve produced non-finite values (inf or NaN), "
@@ -572,9 +575,9 @@ _NONFINITE_MESSAGE = (
     "solver) or in the iterates of the parallel solver (Newton's method from a poor "
     "initial guess on oscillating, stiff-nonlinear or chaotic dynamics). Try "
     "`parallel=pdyn.TrustDEER()` (the default) if this was another solver, a better "
-    "`init` (e.g. a coarse sequential solve interpolated onto the steps), a shorter "
-    "interval, or `parallel=pdyn.Sequential()`; pass `throw=False` to inspect the "
-    "result."
+    "initial guess (`coarse=pdyn.CoarseGuess()`: a coarse sequential solve "
+    "interpolated onto the steps), a shorter interval, or "
+    "`parallel=pdyn.Sequential()`; pass `throw=False` to inspect the result."
 )
 
 
@@ -595,6 +598,8 @@ def diffeqsolve(
     parallel: optx.AbstractRootFinder = TrustDEER(),
     max_steps: int | None = None,
     init: PyTree[ArrayLike] | None = None,
+    coarse: CoarseGuess | None = None,
+    steps_per_slice: int = 1,
     adjoint: optx.AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = True,
 ) -> dfx.Solution:
@@ -663,8 +668,23 @@ def diffeqsolve(
         always suffices. Keyword only.
     - `init`: an initial guess for the values $y_1, \\dots, y_N$ at the ends of the
         steps (the structure of `y0` with a leading axis $N$), e.g. the solution of a
-        nearby problem or of a cheap coarse solve, interpolated. Defaults to $y_0$
-        everywhere. Keyword only.
+        nearby problem. Defaults to the `coarse` guess if one is given, else to $y_0$
+        everywhere. A given `init` is used as it is, and `coarse` is then ignored.
+        Keyword only.
+    - `coarse`: a [`parallel_dynamics.CoarseGuess`][] (or `True` for
+        `pdyn.CoarseGuess()`): the initial guess from a sequential solve on every
+        $k$-th time of the grid, interpolated onto the steps with the solver's dense
+        output ($k$ chosen from the number of steps unless given; optionally
+        multilevel). On oscillators and orbits it cuts Newton's iterations from tens
+        to two or three, at the price of $N / k$ sequential steps. `None` (default):
+        no coarse solve. Keyword only.
+    - `steps_per_slice`: $m$, the number of steps grouped into one time slice
+        (multiple shooting): the parallel solver solves for the states at the ends
+        of the $\\lceil N/m \\rceil$ slices, each slice's step map running its $m$
+        steps sequentially, and the states inside the slices follow from one more
+        pass over every slice at once. $m = 1$ (default) is the fine-grained
+        parallel solve, $m \\geq N$ the sequential one; in between, fewer and cheaper
+        scans against $m$ sequential steps per iteration. Keyword only.
     - `adjoint`: how [`parallel_dynamics.solve`][] is differentiated;
         [`parallel_dynamics.ImplicitAdjoint`][] (default) differentiates the discrete
         solution by the implicit function theorem, which equals backpropagation
@@ -681,7 +701,11 @@ def diffeqsolve(
     `num_steps` (solver steps, all accepted), `num_accepted_steps`,
     `num_rejected_steps` (0), `max_steps` (the iteration limit),
     `num_parallel_iterations` and `residual_norm` (of the recurrence at the returned
-    trajectory).
+    trajectory; of the slices' recurrence with `steps_per_slice > 1`); with a
+    `coarse` guess also `coarse_factor` ($k$), `num_coarse_steps` (the sequential
+    steps of the coarsest level) and `coarse_parallel_iterations` (the iterations of
+    the parallel solves of the intermediate levels, coarsest first; empty for one
+    level).
 
     !!! Example
 
@@ -774,7 +798,28 @@ def diffeqsolve(
         if max_steps < 1:
             raise ValueError(f"`max_steps` must be at least 1, got {max_steps}.")
         max_steps = int(max_steps)
-    for implicit in _solver_nodes(solver, dfx.AbstractImplicitSolver):
+    if coarse is True:
+        coarse = CoarseGuess()
+    elif coarse is False:
+        coarse = None
+    if coarse is not None and not isinstance(coarse, CoarseGuess):
+        raise TypeError(
+            "`coarse` must be a `pdyn.CoarseGuess(...)` (or True for "
+            f"`pdyn.CoarseGuess()`), or None for no coarse guess; got {coarse!r}."
+        )
+    if coarse is not None and coarse.solver is not None:
+        _check_solver(coarse.solver)
+    if (
+        isinstance(steps_per_slice, bool)
+        or not isinstance(steps_per_slice, (int, np.integer))
+        or steps_per_slice < 1
+    ):
+        raise ValueError(
+            "`steps_per_slice` must be a positive int (the number of fine steps "
+            f"grouped into one step of the parallel solve), got {steps_per_slice!r}."
+        )
+    coarse_solver = () if coarse is None or coarse.solver is None else (coarse.solver,)
+    for implicit in _solver_nodes((solver, *coarse_solver), dfx.AbstractImplicitSolver):
         if any(
             getattr(implicit.root_finder, name, None) is _use_stepsize_tol
             for name in ("rtol", "atol", "norm")
@@ -803,6 +848,8 @@ def diffeqsolve(
         parallel=parallel,
         max_steps=max_steps,
         init=init,
+        coarse=coarse,
+        steps_per_slice=int(steps_per_slice),
         adjoint=adjoint,
         throw=bool(throw),
     )
@@ -823,6 +870,8 @@ def _diffeqsolve(
     parallel,
     max_steps,
     init,
+    coarse,
+    steps_per_slice,
     adjoint,
     throw,
 ) -> dfx.Solution:
@@ -839,21 +888,55 @@ def _diffeqsolve(
         stats = {"num_parallel_iterations": jnp.array(0)}
         max_steps = 0
     else:
-        inputs = _shard_inputs(step.inputs(grid * direction), parallel, num_steps)
-        sol = solve(
-            step,
-            parallel,
-            y0,
-            inputs,
-            args,
-            max_steps=max_steps,
-            init=init,
-            adjoint=adjoint,
-            throw=False,
-        )
-        trajectory = sol.value
+        coarse_stats = {}
+        if init is None and coarse is not None:
+            init, coarse_stats = coarse_guess(
+                coarse,
+                step,
+                parallel,
+                grid,
+                direction,
+                y0,
+                args,
+                lambda solver: DiffraxStep(step.terms, solver, step.direction),
+            )
+        if steps_per_slice == 1:
+            inputs = _shard_inputs(step.inputs(grid * direction), parallel, num_steps)
+            sol = solve(
+                step,
+                parallel,
+                y0,
+                inputs,
+                args,
+                max_steps=max_steps,
+                init=init,
+                adjoint=adjoint,
+                throw=False,
+            )
+            trajectory = sol.value
+        else:
+            inputs = step.inputs(grid * direction)
+            slice_step = SliceStep(step)
+            sliced = slice_inputs(inputs, num_steps, steps_per_slice)
+            sliced = _shard_inputs(
+                sliced, parallel, num_slices(num_steps, steps_per_slice)
+            )
+            if init is not None:
+                init = slice_ends(init, num_steps, steps_per_slice)
+            sol = solve(
+                slice_step,
+                parallel,
+                y0,
+                sliced,
+                args,
+                max_steps=max_steps,
+                init=init,
+                adjoint=adjoint,
+                throw=False,
+            )
+            trajectory = fill_slices(slice_step, y0, sol.value, sliced, args, num_steps)
         result = _diffrax_result(sol.result)
-        stats = {"num_parallel_iterations": sol.stats["num_steps"]}
+        stats = {"num_parallel_iterations": sol.stats["num_steps"], **coarse_stats}
         if "residual_norm" in sol.stats:
             stats["residual_norm"] = sol.stats["residual_norm"]
         max_steps = sol.stats["max_steps"]
