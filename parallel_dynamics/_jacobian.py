@@ -142,6 +142,13 @@ def _evaluate_bounded(recurrence: Recurrence, previous: Array) -> Array:
 class AbstractJacobian(eqx.Module):
     """Abstract base class for the structure of $A_t \\approx J_t$."""
 
+    @property
+    def exact(self) -> bool:
+        """Whether $A_t = J_t$ exactly for the steps it is used with, so that Newton's
+        iteration with it converges quadratically (and its stopping test may save the
+        last iteration). `False` unless a structure says otherwise."""
+        return False
+
     @abc.abstractmethod
     def linearise(
         self, recurrence: Recurrence, previous: Inexact[Array, "T D"], iteration: Int
@@ -165,6 +172,10 @@ class DenseJacobian(AbstractJacobian):
     """$A_t = J_t$, the full $D \\times D$ Jacobian (Newton; DEER). Computed with one
     batched forward-mode pass of $D$ tangents per step, over bounded batches of time
     steps. Memory $O(T D^2)$ for the blocks, plus a bounded work buffer."""
+
+    @property
+    def exact(self) -> bool:
+        return True
 
     def linearise(self, recurrence, previous, iteration):
         del iteration
@@ -191,6 +202,11 @@ class ExactDiagonal(AbstractJacobian):
     """
 
     elementwise: bool = False
+
+    @property
+    def exact(self) -> bool:
+        # An elementwise step's Jacobian is its diagonal.
+        return self.elementwise
 
     def linearise(self, recurrence, previous, iteration):
         del iteration
@@ -291,10 +307,18 @@ class BlockDiagonalJacobian(AbstractJacobian):
     """$A_t$ = the $k \\times k$ diagonal blocks of $J_t$ (block quasi-Newton), for
     states made of $D / k$ groups of $k$ coupled components (e.g. the $(h, c)$ pairs of
     an LSTM laid out blockwise, or multi-head cells). Memory $O(T D k)$, scan cost
-    $O(T D k^2)$. `block_size` must divide $D$.
+    $O(T D k^2)$. `block_size` must divide $D$. When the step is *blockwise* (its
+    Jacobian is block-diagonal by construction: independent groups or heads), set
+    `blockwise=True`: the blocks are then the whole Jacobian, and Newton's iteration
+    with them converges quadratically.
     """
 
     block_size: int
+    blockwise: bool = False
+
+    @property
+    def exact(self) -> bool:
+        return self.blockwise
 
     def __check_init__(self):
         check_count("block_size", self.block_size)

@@ -14,6 +14,7 @@ from ._adjoint import ImplicitAdjoint
 from ._linear_solver.sharded import time_mesh
 from ._problem import Recurrence, recurrence_residual, StateLayout
 from ._solver import AbstractRecurrenceSolver, Sequential
+from ._stopping import rounding_scale, scaled
 from ._validation import check_state, check_step_output, describe, static_int
 
 
@@ -354,9 +355,6 @@ def _solve(
     return eqx.tree_at(lambda s: s.value, sol, layout.unflatten_trajectory(sol.value))
 
 
-_ROUNDING_ULPS = 16
-
-
 def _check_exhausted(
     sol: optx.Solution, solver: AbstractRecurrenceSolver, recurrence: Recurrence
 ) -> optx.Solution:
@@ -370,9 +368,10 @@ def _check_exhausted(
     (Picard or a quasi method on an expanding or chaotic map): subtracting a huge
     update leaves a rounding error of the order of the huge value. So such a
     trajectory is reported successful exactly when every defect
-    $|y_t - f(y_{t-1}, x_t)|$ is below $\\text{atol} + \\text{rtol}\\,|y_t|$ plus a
-    rounding allowance of $16 \\varepsilon (1 + |y_t|)$ (which matters only for tiny
-    tolerances): a solve that ran out of `max_steps` with such a trajectory is
+    $|y_t - f(y_{t-1}, x_t)|$ is within $\\text{atol} + \\text{rtol}\\,|y_t|$ or at
+    the rounding level of the step's values (`ROUNDING_ULPS` units in the last place
+    of $\\max(|y_t|, |f(y_{t-1}, x_t)|)$, which matters only for tolerances near the
+    rounding error): a solve that ran out of `max_steps` with such a trajectory is
     `successful`, and one that stopped as successful without it is
     `RESULTS.nonlinear_divergence`.
     """
@@ -384,12 +383,12 @@ def _check_exhausted(
     )
     trajectory = jax.lax.stop_gradient(sol.value)
     rtol, atol = solver.tolerances(trajectory.dtype)
-    rounding = _ROUNDING_ULPS * jnp.finfo(trajectory.dtype).eps
 
     def accurate():
-        magnitude = jnp.abs(trajectory)
-        bound = atol + rtol * magnitude + rounding * (1 + magnitude)
-        return jnp.all(jnp.abs(recurrence.residual(trajectory, bounded=True)) <= bound)
+        residual = recurrence.residual(trajectory, bounded=True)
+        floor = rounding_scale(trajectory, trajectory - residual)
+        defect = scaled(residual, trajectory, rtol, atol, floor)
+        return jnp.all(jnp.abs(defect) <= 1)
 
     verified = jax.lax.cond(exhausted, accurate, lambda: jnp.array(False))
     result = optx.RESULTS.where(

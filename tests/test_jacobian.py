@@ -111,3 +111,50 @@ def test_blocks_are_the_jacobian_entries(name, batched, monkeypatch):
             atol=1e-13,
             err_msg=f"{name}: {label}",
         )
+
+
+def test_each_structure_says_whether_it_is_exact():
+    assert pdyn.DenseJacobian().exact
+    assert pdyn.ExactDiagonal(elementwise=True).exact
+    assert pdyn.BlockDiagonalJacobian(2, blockwise=True).exact
+    inexact = [
+        pdyn.ExactDiagonal(),
+        pdyn.StochasticDiagonal(),
+        pdyn.DiagonalFunction(lambda y, x, args: y),
+        pdyn.BlockDiagonalJacobian(2),
+        pdyn.IdentityJacobian(),
+        pdyn.ZeroJacobian(),
+    ]
+    assert not any(structure.exact for structure in inexact)
+    # The stopping test of a solver follows its structure.
+    assert pdyn.DEER().superlinear
+    assert not pdyn.QuasiDEER().superlinear
+    assert pdyn.QuasiDEER(diagonal="elementwise").superlinear
+    assert pdyn.Newton(
+        jacobian=pdyn.BlockDiagonalJacobian(2, blockwise=True)
+    ).superlinear
+    assert not pdyn.Picard().superlinear
+
+
+def test_an_exact_block_diagonal_jacobian_converges_like_newton():
+    # Two independent 2-dimensional tanh RNNs: the Jacobian is block-diagonal, so
+    # blockwise blocks are Newton's method, with DEER's iteration count.
+    key_w, key_x = jax.random.split(jax.random.key(0))
+    weights = 0.9 * jax.random.normal(key_w, (2, 2, 2), jnp.float64)
+    inputs = jax.random.normal(key_x, (60, 4), jnp.float64)
+
+    def step(y, x, w):
+        return jnp.tanh(jnp.einsum("bij,bj->bi", w, y.reshape(2, 2)).reshape(4) + x)
+
+    y0 = jnp.zeros(4)
+    expected = pdyn.solve(step, pdyn.Sequential(), y0, inputs, weights).value
+    deer = pdyn.solve(step, pdyn.DEER(), y0, inputs, weights)
+    blocks = pdyn.solve(
+        step,
+        pdyn.Newton(jacobian=pdyn.BlockDiagonalJacobian(2, blockwise=True)),
+        y0,
+        inputs,
+        weights,
+    )
+    np.testing.assert_allclose(blocks.value, expected, rtol=1e-10, atol=1e-12)
+    assert int(blocks.stats["num_steps"]) == int(deer.stats["num_steps"])

@@ -171,3 +171,30 @@ def test_iterative_scan_on_a_complex_operator():
         sol = lx.linear_solve(operator, b, pdyn.IterativeScan())
         assert sol.value.dtype == jnp.complex128
         np.testing.assert_allclose(sol.value, _dense_solve(operator, b), rtol=1e-10)
+
+
+def test_iterative_scan_stops_like_the_nonlinear_solvers():
+    # A contracting system of T = 200 steps: the corrections shrink geometrically and
+    # the stopping test on their rate ends the refinement long before T. A component
+    # that stays exactly zero has no scale with `atol = 0` (0 / 0), and counts as
+    # converged.
+    length = 200
+    diagonal = jnp.full((length, SIZE), 0.3).at[:, 1].set(0.0)
+    operator = pdyn.BlockBidiagonalOperator(pdyn.DiagonalBlocks(diagonal))
+    b = jr.normal(jr.key(8), (length, SIZE)).at[:, 1].set(0.0)
+    matrices = 0.3 * jr.normal(jr.key(9), (length, SIZE, SIZE))
+    coupled = pdyn.BlockBidiagonalOperator(pdyn.DenseBlocks(matrices))
+    for op, solver in [
+        (operator, pdyn.IterativeScan(rtol=1e-10, atol=0.0, preconditioner="none")),
+        (coupled, pdyn.IterativeScan(rtol=1e-10, atol=1e-10)),
+    ]:
+        sol = lx.linear_solve(op, b, solver)
+        assert sol.result == lx.RESULTS.successful
+        assert 2 <= int(sol.stats["num_steps"]) < length // 4
+        np.testing.assert_allclose(
+            sol.value, _dense_solve(op, b), rtol=1e-9, atol=1e-12
+        )
+    # A zero right-hand side is solved at once.
+    zero = lx.linear_solve(coupled, jnp.zeros_like(b), pdyn.IterativeScan())
+    assert int(zero.stats["num_steps"]) <= 2
+    assert jnp.all(zero.value == 0)

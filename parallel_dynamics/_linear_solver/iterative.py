@@ -12,6 +12,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from .._blocks import AbstractBlocks, DiagonalBlocks, ZeroBlocks
 from .._operator import BlockBidiagonalOperator, successor_blocks
 from .._scan import parallel_scan
+from .._stopping import converged, default_tolerance, scaled
 from .._validation import check_count
 
 
@@ -124,9 +125,11 @@ class IterativeScan(lx.AbstractLinearSolver):
         del options
         operator, blocks, lower = state
         length = vector.shape[0]
-        eps = np.finfo(vector.dtype).eps
-        rtol = eps**0.8 if self.rtol is None else self.rtol
-        atol = eps**0.8 if self.atol is None else self.atol
+        # Tighter than the nonlinear solvers' default: as the adjoint's linear solve
+        # its error adds to that of the trajectory.
+        tolerance = default_tolerance(vector.dtype, exponent=0.8)
+        rtol = tolerance if self.rtol is None else self.rtol
+        atol = tolerance if self.atol is None else self.atol
         max_steps = length if self.max_steps is None else self.max_steps
         if lower:
             precondition = lambda r: parallel_scan(blocks, r)
@@ -135,27 +138,31 @@ class IterativeScan(lx.AbstractLinearSolver):
                 successor_blocks(blocks), r, reverse=True
             )
 
-        def scaled(update, x):
-            return jnp.max(jnp.abs(update) / (atol + rtol * jnp.abs(x)))
+        def size_of(update, x):
+            return jnp.max(jnp.abs(scaled(update, x, rtol, atol)), initial=0)
 
         # Stop on the size of the corrections, with the error left after the last one
-        # estimated from the observed contraction rate θ as d θ / (1 - θ) (Hairer &
-        # Wanner): a small residual alone is not enough on weakly contracting maps,
-        # where the error is the residual amplified by up to 1 / (1 - θ).
-        def converged(size, size_prev):
-            rate = size / size_prev
-            error = size * rate / jnp.where(rate < 1, 1 - rate, 1)
-            return (size == 0) | ((rate < 1) & (error < 1) & (size < 1))
+        # estimated from the observed contraction rate, as the nonlinear solvers do
+        # (`parallel_dynamics._stopping.converged`, for a linearly convergent
+        # iteration): a small residual alone is not enough on weakly contracting maps,
+        # where the error is the residual amplified by up to 1 / (1 - θ). A zero
+        # correction is a fixed point: the solution.
+        def done(size, size_prev, step):
+            num_updates = step - 1  # `step` counts the preconditioned start
+            by_rate = converged(
+                num_updates, size, size_prev, superlinear=False, rounding=False
+            )
+            return (size == 0) | by_rate
 
         def cond(carry):
             _, size, size_prev, step = carry
-            return ~converged(size, size_prev) & (step < max_steps)
+            return ~done(size, size_prev, step) & (step < max_steps)
 
         def body(carry):
             x, size, _, step = carry
             update = precondition(vector - operator.mv(x))
             x = x + update
-            return x, scaled(update, x), size, step + 1
+            return x, size_of(update, x), size, step + 1
 
         x0 = precondition(vector)
         inf = jnp.array(jnp.inf, np.finfo(vector.dtype).dtype)  # real if complex
@@ -164,7 +171,7 @@ class IterativeScan(lx.AbstractLinearSolver):
         )
         # A stop on `max_steps` (>= T) is exact by the prefix property.
         result = lx.RESULTS.where(
-            ~converged(size, size_prev) & (steps < length),
+            ~done(size, size_prev, steps) & (steps < length),
             lx.RESULTS.max_steps_reached,
             lx.RESULTS.successful,
         )
@@ -185,9 +192,11 @@ class IterativeScan(lx.AbstractLinearSolver):
 IterativeScan.__init__.__doc__ = """**Arguments:**
 
 - `rtol`, `atol`: stop when the error left after the last correction $\\delta$,
-    estimated from the observed contraction rate $\\theta$ as
+    estimated from the contraction rate $\\theta$ of the last two corrections as
     $\\delta\\theta / (1 - \\theta)$, is below $\\text{atol} + \\text{rtol}\\,|x|$
-    componentwise (and so is $\\delta$). Default $\\varepsilon^{0.8}$ of the dtype.
+    componentwise (and so is $\\delta$), or when a correction is exactly zero; the
+    stopping test of the nonlinear solvers for linearly convergent iterations.
+    Default $\\varepsilon^{0.8}$ of the dtype.
 - `max_steps`: the maximum number of refinement iterations; defaults to $T$, which is
     always exact.
 - `preconditioner`: `"exact"` (default), `"stochastic"` or `"none"`.

@@ -3,19 +3,17 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from .._jacobian import DenseJacobian
 from .._problem import Recurrence
 from .._scan import on_cpu
-
-
-def default_tolerance(dtype) -> float:
-    """$\\varepsilon^{0.7}$ of the dtype: about `1.4e-5` in float32 and `1.1e-11` in
-    float64."""
-    return float(np.finfo(dtype).eps ** 0.7)
+from .._stopping import (
+    at_rounding_level as at_rounding_level,
+    converged as converged,
+    default_tolerance as default_tolerance,
+    scaled,
+)
 
 
 def as_recurrence(args: PyTree, solver: eqx.Module) -> Recurrence:
@@ -49,29 +47,6 @@ class IterationState(eqx.Module):
     rounding: Bool[Array, ""] = eqx.field(default_factory=lambda: jnp.array(False))
 
 
-# A residual within this many units in the last place of the step's values counts as
-# rounding error. At the exact trajectories of the test maps (GRU, LSTM, tanh RNN,
-# Lorenz-96 with RK4; float32 and float64) it measured up to 36.
-_ROUNDING_ULPS = 256
-
-
-def at_rounding_level(
-    residual: Array, y: Array, values: Array, *, when: Bool[Array, ""]
-) -> Bool[Array, ""]:
-    """Whether $|y_t - f(y_{t-1}, x_t)| \\leq c\\,\\varepsilon
-    \\max(|y_t|, |f(y_{t-1}, x_t)|)$ everywhere ($c$ = `_ROUNDING_ULPS`): the trajectory
-    satisfies the recurrence as well as its sequential evaluation does. Computed only
-    `when` the stopping test will read it (one pass over the trajectory); `False`
-    otherwise."""
-
-    def check():
-        eps = jnp.finfo(residual.dtype).eps
-        scale = jnp.maximum(jnp.abs(y), jnp.abs(values))
-        return jnp.all(jnp.abs(residual) <= _ROUNDING_ULPS * eps * scale)
-
-    return jax.lax.cond(when, check, lambda: jnp.array(False))
-
-
 class AbstractRecurrenceSolver(optx.AbstractRootFinder):
     """Abstract base class for the root finders of [`parallel_dynamics.solve`][].
 
@@ -89,7 +64,8 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
     def superlinear(self) -> bool:
         """Whether the iteration converges superlinearly (Newton with the true
         Jacobian), which lets the stopping test save the last iteration."""
-        return isinstance(getattr(self, "jacobian", None), DenseJacobian)
+        jacobian = getattr(self, "jacobian", None)
+        return jacobian is not None and jacobian.exact
 
     def default_max_steps(self, length: int) -> int:
         """The iteration limit when `pdyn.solve` is given none: $T$, after which every
@@ -149,8 +125,7 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
         """The componentwise residual relative to the tolerance; zero where the
         residual is zero, also where the tolerance is (`atol = 0` and $y = 0$)."""
         rtol, atol = self.tolerances(y.dtype)
-        magnitude = jnp.abs(residual)
-        return jnp.where(magnitude == 0, 0, magnitude / (atol + rtol * jnp.abs(y)))
+        return jnp.abs(scaled(residual, y, rtol, atol))
 
     def scaled_size(self, y: Array, update: Array) -> Scalar:
         """$\\lVert \\Delta / (\\text{atol} + \\text{rtol}\\,|Y|) \\rVert$, each
@@ -171,10 +146,10 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
     def _scaled(self, y, update, new_y):
         rtol, atol = self.tolerances(y.dtype)
         # 0 / 0 would be NaN: a component that neither moves nor has a scale.
-        scaled = jnp.where(update == 0, 0, update / (atol + rtol * jnp.abs(y)))
-        if self.norm is optx.max_norm and on_cpu() and _rowwise(scaled):
-            return _rowwise_max_abs(scaled, new_y)
-        size = self.norm(scaled)
+        relative = scaled(update, y, rtol, atol)
+        if self.norm is optx.max_norm and on_cpu() and _rowwise(relative):
+            return _rowwise_max_abs(relative, new_y)
+        size = self.norm(relative)
         return size, None if new_y is None else all_finite(new_y)
 
 
@@ -232,47 +207,6 @@ def first_unconverged(defect: Array) -> Int[Array, ""]:
     A NaN defect is not below one."""
     bad = ~(jnp.max(defect, axis=1, initial=0) < 1)
     return jnp.where(jnp.any(bad), jnp.argmax(bad), bad.shape[0])
-
-
-def converged(
-    num_updates: Int[Array, ""],
-    diffsize: Scalar,
-    diffsize_prev: Scalar,
-    *,
-    superlinear: bool = True,
-    rounding: Bool[Array, ""] | bool = True,
-) -> Bool[Array, ""]:
-    """Whether the iterate *after* the last update is within tolerance.
-
-    With the scaled update sizes $d_k$ and the observed contraction rate
-    $\\theta = d_k / d_{k-1}$, the error left after the update is estimated as
-    $d_k \\theta / (1 - \\theta)$ (Hairer & Wanner, *Solving ODEs II*, IV.8). It must be
-    below 1, and so must $d_k$ itself unless the iteration is clearly superlinear
-    ($\\theta < 0.1$ and $d_k < 100$, Newton near the root, where this saves the last
-    iteration; `superlinear=False` turns this off for linearly convergent
-    iterations, whose update sizes can also collapse when the converged prefix passes
-    the sensitive part of a trajectory).
-    Slowly contracting iterations ($\\theta \\to 1$) thereby need updates well below
-    tolerance before they stop. Updates that no longer shrink ($\\theta \\geq 1$) have
-    reached the rounding floor when two in a row are below tolerance and the residual
-    is at the `rounding` level: a quasi-Newton or fixed-point iteration on a map that
-    does not contract also makes updates of constant size, while the error it has not
-    yet removed travels forward in time. For the same reason a single update, whose
-    rate is unknown, is enough only for a superlinear iteration or at the rounding
-    level (an initial guess that is already the answer).
-    """
-    first = num_updates <= 1
-    rate = diffsize / diffsize_prev
-    contracting = rate < 1
-    predicted = diffsize * rate / jnp.where(contracting, 1 - rate, 1)
-    small = diffsize < 1
-    # The superlinear shortcut only for moderate updates: after an iterate has blown
-    # up (d_{k-1} huge), any d_k looks like a tiny rate.
-    shortcut = (rate < 0.1) & (diffsize < 100) if superlinear else False
-    extrapolated = contracting & (predicted < 1) & (small | shortcut)
-    floor = ~contracting & small & (diffsize_prev < 1) & rounding
-    first_small = small & (rounding | superlinear)
-    return (num_updates >= 1) & jnp.where(first, first_small, extrapolated | floor)
 
 
 def print_progress(name: str, state: IterationState):
