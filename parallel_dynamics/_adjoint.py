@@ -57,18 +57,16 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
       vector-Jacobian) products, preconditioned by the diagonal blocks: exact to its
       tolerance (and exactly after $T$ iterations), memory $O(T D)$. Its
       tolerance-based stop can be fooled in float32 on long, weakly contracting maps
-      (relative gradient errors near $10^{-2}$ were measured on a GRU with
-      $T = 10^4$), so it is never the default.
+      (relative gradient errors far above the tolerance), so it is never the
+      default.
 
     By default (`linear_solver=None`) every solver uses `MatrixFreeScan()`, or the
     solver's own [`parallel_dynamics.ShardedScan`][] when its scans are sharded. It is
     exact whichever solver found the trajectory, its memory is that of the quasi
-    solves, and on CPU it also measured fastest: one `value_and_grad` of a float32
-    GRU after QuasiDEER took 0.9 to 2.9 times as long as backpropagation through
-    `lax.scan` ($D = 16$ to $64$, $T = 10^4$ to $10^5$), against 2.2 to 23 times with
-    the dense scan, whose buffers were up to 20 times larger, with the same gradient
-    error (about $6 \times 10^{-6}$ relative; `python -m benchmarks.run --only
-    gradients`, `docs/gradients.md`).
+    solves, and it avoids the dense scan's $O(T D^2)$ buffers; the measured times and
+    errors against backpropagation through `lax.scan` are on the Gradients and
+    Benchmarks pages of the documentation (`python -m benchmarks.run --only
+    gradients`).
     """
 
     linear_solver: lx.AbstractLinearSolver | None = None

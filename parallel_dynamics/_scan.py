@@ -101,10 +101,10 @@ def default_chunk_size(length: int, blocks: AbstractBlocks | None = None) -> int
     - **on accelerators**, $L = 8$, and each sweep is fully unrolled into one loop
       body. Every sequential step of a loop costs a kernel launch there, so short
       chunks whose sweeps XLA fuses win; the summaries ($T / 8$ of them) are still
-      many enough to fill the device. Measured on an H100 for diagonal blocks
-      ($T = 10^4$ to $10^6$, $D = 16, 64$; `benchmarks/scans.py`), $L = 8$ was the
-      fastest or within 3% of the fastest of $L \\in \\{8, \\dots, 512\\}$, and 1.3
-      to 2 times faster than `jax.lax.associative_scan`;
+      many enough to fill the device. Of $L \\in \\{8, \\dots, 512\\}$, $L = 8$ is
+      the fastest or close to it for diagonal blocks, and faster than
+      `jax.lax.associative_scan` (`benchmarks/scans.py`; the measurements are on
+      the Benchmarks page of the documentation);
     - **on CPU**, $L \\approx \\sqrt{T}$, which balances the two sweeps against the
       summary scan. (A CPU has little parallelism to exploit: there the sequential
       scan is faster than any parallel one, and [`parallel_dynamics.AutoScan`][]
@@ -216,10 +216,9 @@ def chunked_scan(
     - `offsets`: the `(T, D)` right-hand sides $b_t$.
     - `chunk_size`: $L$, clipped to $[1, T]$. By default $L = 8$ on accelerators,
         with each sweep fully unrolled into one loop body (every sequential step costs
-        a kernel launch there; on an H100 this was the fastest choice and 1.3 to 2
-        times faster than `jax.lax.associative_scan` for diagonal blocks), and
-        $L \\approx \\sqrt{T}$ on CPU (which balances the sweeps against the summary
-        scan; on a CPU the sequential scan is faster still).
+        a kernel launch there), and $L \\approx \\sqrt{T}$ on CPU (which balances
+        the sweeps against the summary scan; on a CPU the sequential scan is faster
+        still). See `default_chunk_size`.
     - `reverse`: solve $v_t = A_t v_{t+1} + b_t$, $v_{T+1} = 0$ instead.
 
     **Returns:**

@@ -163,20 +163,15 @@ class AutoScan(AbstractScanSolver):
 
     - **CPU**: [`parallel_dynamics.SequentialScan`][], for every block structure. A
       CPU has little parallelism to exploit, and the sequential scan does the least
-      work and one pass over memory: on a 2-core CPU it measured 2 to 6 times faster
-      than `jax.lax.associative_scan` for diagonal blocks ($T = 10^4$ to $10^6$,
-      $D = 1$ to $64$) and 4 to 20 times faster for dense and block-diagonal ones
-      (whose parallel scans compose $D \\times D$ or $k \\times k$ blocks).
+      work and one pass over memory; the parallel scans of dense and block-diagonal
+      blocks also compose $D \\times D$ or $k \\times k$ blocks.
     - **Accelerators**: [`parallel_dynamics.ChunkedScan`][] with its automatic chunk
-      size ($L = 8$, sweeps unrolled), which measured 1.3 to 2 times faster than
-      `jax.lax.associative_scan` for diagonal blocks on an H100 ($T = 10^4$ to
-      $10^6$), while the sequential scan there is hundreds of times slower. Dense and
-      block-diagonal blocks were not measured on an accelerator; the chunked scan
-      also does fewer block compositions for them (about $T + T/4$ against about
-      $2T$).
+      size ($L = 8$, sweeps unrolled): a sequential scan pays a kernel launch per
+      step there, and the chunked scan does fewer block compositions than
+      `jax.lax.associative_scan` (about $T + T/4$ against about $2T$).
 
-    The measurements are in `benchmarks/results/scans_*.json` (`python -m
-    benchmarks.run --only scans`).
+    The measurements behind this choice are on the Benchmarks page of the
+    documentation (`python -m benchmarks.run --only scans`).
     """
 
     def _solve(self, blocks, offsets, reverse):
