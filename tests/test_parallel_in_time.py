@@ -258,6 +258,27 @@ def test_slices_under_jit_and_vmap():
         assert_close(ys, expected.ys)
 
 
+@pytest.mark.slow
+def test_sde_with_a_coarse_guess_and_slices():
+    # The coarse solve reads the same Brownian path over its longer steps.
+    bm = dfx.VirtualBrownianTree(
+        T0, T1, tol=1e-3, shape=(2,), key=jax.random.key(0),
+        levy_area=dfx.BrownianIncrement,
+    )  # fmt: skip
+    terms = dfx.MultiTerm(
+        TERM, dfx.ControlTerm(lambda t, y, args: 0.1 * jnp.diag(y), bm)
+    )
+    expected = dfx.diffeqsolve(
+        terms, dfx.Heun(), T0, T1, DT0, Y0, ARGS, saveat=STEPS, max_steps=NUM_STEPS
+    )
+    for kwargs in (dict(coarse=True), dict(coarse=True, steps_per_slice=9)):
+        sol = pdyn.diffeqsolve(
+            terms, dfx.Heun(), T0, T1, DT0, Y0, ARGS, saveat=STEPS, **kwargs
+        )
+        assert_close(sol.ys, expected.ys)
+        assert _iterations(sol) <= 6
+
+
 # --- stiff problems (small; the full sizes are in the benchmark) ----------------------
 
 
