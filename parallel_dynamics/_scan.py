@@ -11,9 +11,14 @@ The same recurrence can be run sequentially with `lax.scan` ($O(T)$ depth, the l
 work), or chunked: sequential inside chunks, vectorised across chunks, with a parallel
 scan over the chunk summaries.
 
-Every function here takes the blocks as an [`parallel_dynamics.AbstractBlocks`][] and the
-offsets as a `(T, D)` array, and returns the `(T, D)` solution. `reverse=True` solves the
-backward recurrence $v_t = A_t v_{t+1} + b_t$, $v_{T+1} = 0$ instead.
+The scans of the recurrence take the blocks as an
+[`parallel_dynamics.AbstractBlocks`][] and the offsets as a `(T, D)` array, and return
+the `(T, D)` solution. `reverse=True` solves the backward recurrence
+$v_t = A_t v_{t+1} + b_t$, $v_{T+1} = 0$ instead.
+
+`inclusive_scan` and `radix_scan` at the end are generic: inclusive scans of any
+associative `fn` over one packed array, over a tree of a chosen radix (the Kalman
+smoothers' elements).
 """
 
 import math
@@ -287,3 +292,50 @@ def chunked_scan(
         sweep, carry_in, (chunk_blocks, chunk_offsets), reverse=reverse, unroll=unroll
     )
     return from_chunks(out, length)
+
+
+def sequential_inclusive_scan(fn, elems):
+    """Inclusive scan along axis 0 with `lax.scan`, `fn` being applied to whole slices
+    `elems[k]` (it is batched over their leading axis)."""
+
+    def body(carry, elem):
+        carry = fn(carry, elem)
+        return carry, carry
+
+    _, rest = lax.scan(body, elems[0], elems[1:])
+    return jnp.concatenate([elems[:1], rest])
+
+
+def radix_scan(fn, elems, identity, radix):
+    """Inclusive scan along axis 0 over a tree with `radix` children per node."""
+    n, *shape = elems.shape
+    shape = tuple(shape)
+    if n <= radix:
+        return sequential_inclusive_scan(fn, elems[:, None])[:, 0]
+    num_groups = -(-n // radix)
+    pad = num_groups * radix - n
+    elems = jnp.concatenate([elems, jnp.broadcast_to(identity, (pad,) + shape)])
+    # (radix, num_groups, ...): scan inside every group, all groups at once.
+    groups = jnp.swapaxes(elems.reshape((num_groups, radix) + shape), 0, 1)
+    local = sequential_inclusive_scan(fn, groups)
+    # Scan the group totals, then prepend each group's carry-in.
+    totals = radix_scan(fn, local[-1], identity, radix)
+    carry = jnp.broadcast_to(totals[:-1], (radix, num_groups - 1) + shape)
+    fixed = fn(carry.reshape((-1,) + shape), local[:, 1:].reshape((-1,) + shape))
+    local = jnp.concatenate(
+        [local[:, :1], fixed.reshape((radix, num_groups - 1) + shape)], axis=1
+    )
+    return jnp.swapaxes(local, 0, 1).reshape((num_groups * radix,) + shape)[:n]
+
+
+def inclusive_scan(fn, elems, identity, radix, *, reverse=False):
+    """Inclusive scan of `elems` (a single array) along axis 0, with the conventions of
+    `lax.associative_scan`: `fn(x, y)` is batched over axis 0 and `x` comes first in
+    scan order. `identity` is the identity element of `fn`, used for padding. With
+    `radix=None` it is `lax.associative_scan`; otherwise `radix_scan`."""
+    if radix is None:
+        return lax.associative_scan(fn, elems, reverse=reverse)
+    if reverse:
+        elems = jnp.flip(elems, axis=0)
+    out = radix_scan(fn, elems, identity.astype(elems.dtype), radix)
+    return jnp.flip(out, axis=0) if reverse else out

@@ -94,6 +94,8 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Inexact
 
+from .._scan import inclusive_scan
+
 
 #
 # Shared helpers
@@ -151,52 +153,6 @@ def _canonicalise(A, b, x0, obs, lam, lam_shape):
     A, b, x0, obs = (x.astype(dtype) for x in (A, b, x0, obs))
     lam = jnp.broadcast_to(jnp.asarray(lam, dtype=dtype), lam_shape)
     return A, b, x0, obs, lam
-
-
-def _sequential_scan(fn, elems):
-    """Inclusive scan along axis 0 with `lax.scan`, `fn` being applied to whole slices
-    `elems[k]` (it is batched over their leading axis)."""
-
-    def body(carry, elem):
-        carry = fn(carry, elem)
-        return carry, carry
-
-    _, rest = lax.scan(body, elems[0], elems[1:])
-    return jnp.concatenate([elems[:1], rest])
-
-
-def _radix_scan(fn, elems, identity, radix):
-    """Inclusive scan along axis 0 over a tree with `radix` children per node."""
-    n, *shape = elems.shape
-    shape = tuple(shape)
-    if n <= radix:
-        return _sequential_scan(fn, elems[:, None])[:, 0]
-    num_groups = -(-n // radix)
-    pad = num_groups * radix - n
-    elems = jnp.concatenate([elems, jnp.broadcast_to(identity, (pad,) + shape)])
-    # (radix, num_groups, ...): scan inside every group, all groups at once.
-    groups = jnp.swapaxes(elems.reshape((num_groups, radix) + shape), 0, 1)
-    local = _sequential_scan(fn, groups)
-    # Scan the group totals, then prepend each group's carry-in.
-    totals = _radix_scan(fn, local[-1], identity, radix)
-    carry = jnp.broadcast_to(totals[:-1], (radix, num_groups - 1) + shape)
-    fixed = fn(carry.reshape((-1,) + shape), local[:, 1:].reshape((-1,) + shape))
-    local = jnp.concatenate(
-        [local[:, :1], fixed.reshape((radix, num_groups - 1) + shape)], axis=1
-    )
-    return jnp.swapaxes(local, 0, 1).reshape((num_groups * radix,) + shape)[:n]
-
-
-def _parallel_scan(fn, elems, identity, radix, *, reverse=False):
-    """Inclusive scan of `elems` (a single array) along axis 0, with the conventions of
-    `lax.associative_scan`: `fn(x, y)` is batched over axis 0 and `x` comes first in
-    scan order. `identity` is the identity element of `fn`, used for padding."""
-    if radix is None:
-        return lax.associative_scan(fn, elems, reverse=reverse)
-    if reverse:
-        elems = jnp.flip(elems, axis=0)
-    out = _radix_scan(fn, elems, identity.astype(elems.dtype), radix)
-    return jnp.flip(out, axis=0) if reverse else out
 
 
 def _check_radix(radix, name):
@@ -421,7 +377,7 @@ def dense_smoother_parallel(
     identity = (
         jnp.zeros((D, 3 * D + 2), A.dtype).at[:, :D].set(jnp.eye(D, dtype=A.dtype))
     )
-    elems = _parallel_scan(jax.vmap(_dense_filter_combine), elems, identity, radix)
+    elems = inclusive_scan(jax.vmap(_dense_filter_combine), elems, identity, radix)
     _, P, m, _, _ = jax.vmap(_dense_unpack)(elems)
     if not smooth:
         return m
@@ -430,7 +386,7 @@ def dense_smoother_parallel(
     last = jnp.concatenate([jnp.zeros_like(P[-1:]), m[-1:, :, None]], axis=-1)
     elems = jnp.concatenate([elems, last])
     identity = identity[:, : D + 1]
-    elems = _parallel_scan(
+    elems = inclusive_scan(
         jax.vmap(_dense_smoother_combine), elems, identity, radix, reverse=True
     )
     return elems[:, :, -1]
@@ -612,7 +568,7 @@ def diagonal_smoother_parallel(
     b_eff = b.at[0].add(a[0] * x0)
     elems = _diagonal_filter_element(a_eff, b_eff, obs, lam)
     identity = jnp.zeros((5,) + a.shape[1:], a.dtype).at[0].set(1)
-    elems = _parallel_scan(_diagonal_filter_combine, elems, identity, radix)
+    elems = inclusive_scan(_diagonal_filter_combine, elems, identity, radix)
     m, p = elems[:, 3], elems[:, 1]
     if not smooth:
         return m
@@ -620,7 +576,7 @@ def diagonal_smoother_parallel(
     elems = jnp.concatenate(
         [jnp.stack((e, g), axis=1), jnp.stack((jnp.zeros_like(m[-1:]), m[-1:]), 1)]
     )
-    elems = _parallel_scan(
+    elems = inclusive_scan(
         _diagonal_smoother_combine, elems, identity[:2], radix, reverse=True
     )
     return elems[:, 1]

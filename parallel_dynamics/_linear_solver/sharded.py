@@ -617,7 +617,7 @@ def sharded_kalman_smooth(
 
             _, elements = lax.scan(step, identity, elements)
         else:
-            elements = _kalman._parallel_scan(
+            elements = _scan.inclusive_scan(
                 jax.vmap(combine), elements, identity, radix
             )
         totals = lax.all_gather(elements[-1], axis_name)
