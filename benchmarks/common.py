@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Ratios to lax.scan of the papers' reference implementation on a 2-core CPU (GRU,
-# T = 10^4, float32, max error 1e-4; issue 2); the CPU target is at most half of each.
+# T = 10^4, float32, max error 1e-4); the CPU target is at most half of each.
 REFERENCE_RATIOS = {
     "quasi": {4: 4.5, 16: 6.2, 64: 7.8},
     "deer": {4: 34.0, 16: 14.0, 64: 102.0},

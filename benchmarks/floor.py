@@ -1,4 +1,4 @@
-"""How far a quasi-DEER solve is from the floor of its method (issue 6, item 3).
+"""How far a quasi-DEER solve is from the floor of its method.
 
     python -m benchmarks.floor [--dims 4 16 64]
 

@@ -1,5 +1,5 @@
-"""One gradient step against backpropagation through `lax.scan` (issue 6, item 1c;
-issue 3's speed and memory section).
+"""One gradient step against backpropagation through `lax.scan`: speed,
+memory and accuracy of the adjoints.
 
 `jax.value_and_grad` of $L = \\operatorname{mean}(Y^2)$ with respect to the GRU cell's
 parameters, with $Y$ from `pdyn.solve` (forward solve plus the implicit adjoint) or

@@ -1,4 +1,4 @@
-"""The GRU grid (issue 6, item 1a): every solver against `jax.lax.scan`.
+"""The GRU grid: every solver against `jax.lax.scan`.
 
 Problem: `eqx.nn.GRUCell(D, D)` (untrained, key 0), standard-normal inputs (key 1),
 zero initial state, float32. For every (D, T) and every solver:

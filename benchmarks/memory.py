@@ -1,5 +1,5 @@
-"""Peak resident memory of whole processes, measured with `/usr/bin/time -v`
-(issue 6, item 4; issue 3's memory comparison of the adjoints).
+"""Peak resident memory of whole processes, measured with `/usr/bin/time -v`,
+of the solvers and of the adjoints.
 
 `quasideer` calls `pdyn.solve(...)` directly, as a user does, so the returned solution
 includes `sol.stats` (its final residual pass); `quasideer-jit` runs the same solve

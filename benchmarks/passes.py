@@ -1,4 +1,4 @@
-"""Cost per iteration in passes, and where the time goes (issue 6, item 3).
+"""Cost per iteration in passes, and where the time goes.
 
 A **pass** is one `vmap`ped evaluation of the step over all T together with one
 Jacobian-vector product: `jax.jvp(evaluate, (Y,), (V,))`, which returns both. Every

@@ -1,4 +1,4 @@
-"""Where the time of one solve goes, per XLA operation (issue 6, item 3).
+"""Where the time of one solve goes, per XLA operation.
 
     python -m benchmarks.profile [--dims 4 16 64] [--solves 5]
 

@@ -1,5 +1,5 @@
 """The linear recurrence alone: chunked scan against the associative and sequential
-scans, for diagonal, block-diagonal and dense blocks (issue 6, item 2).
+scans, for diagonal, block-diagonal and dense blocks.
 
 Every scan solves $v_t = A_t v_{t-1} + b_t$ for the same random, contracting blocks;
 the group of one (structure, T, D) is timed interleaved, so the ratios to the
