@@ -50,3 +50,9 @@ class TimeWindow(eqx.Module):
         return jnp.where(
             accepted, jnp.where(ratio > self.grow_ratio, grown, size), shrunk
         )
+
+
+TimeWindow.__init__.__doc__ = """**Arguments:**
+
+- `grow_ratio`: the gain ratio $\\rho$ above which an accepted step doubles the window.
+"""
