@@ -29,7 +29,6 @@ from ._linear_solver import (
     AbstractScanSolver as AbstractScanSolver,
     AutoScan as AutoScan,
     ChunkedScan as ChunkedScan,
-    DampedBidiagonalOperator as DampedBidiagonalOperator,
     IterativeScan as IterativeScan,
     KalmanFilter as KalmanFilter,
     KalmanSmoother as KalmanSmoother,
@@ -38,7 +37,10 @@ from ._linear_solver import (
     SequentialScan as SequentialScan,
     ShardedScan as ShardedScan,
 )
-from ._operator import BlockBidiagonalOperator as BlockBidiagonalOperator
+from ._operator import (
+    BlockBidiagonalOperator as BlockBidiagonalOperator,
+    DampedBidiagonalOperator as DampedBidiagonalOperator,
+)
 from ._problem import Recurrence as Recurrence
 from ._solve import root_find_problem as root_find_problem, solve as solve
 from ._solver import (

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
-from jaxtyping import Array
+from jaxtyping import Array, Scalar
 
 from ._blocks import AbstractBlocks, map_time, ZeroBlocks
 
@@ -176,3 +176,82 @@ def _(operator):
 @lx.conj.register(BlockBidiagonalOperator)
 def _(operator):
     return BlockBidiagonalOperator(operator.blocks.conj(), lower=operator.lower)
+
+
+class DampedBidiagonalOperator(lx.AbstractLinearOperator):
+    """The operator of a damped (Levenberg–Marquardt) step on a recurrence:
+
+    $$\\Delta \\mapsto \\begin{pmatrix} L \\Delta \\\\ \\sqrt{\\lambda}\\, \\Delta
+    \\end{pmatrix},$$
+
+    with $L$ a lower [`parallel_dynamics.BlockBidiagonalOperator`][] with blocks $A_t$
+    and $\\lambda > 0$ the damping: a scalar, or one value $\\lambda_t$ per time step
+    (shape `(T,)`). Its least-squares solution against $(r, s)$,
+
+    $$\\min_\\Delta \\lVert L \\Delta - r \\rVert^2 + \\lVert \\sqrt{\\lambda}\\,\\Delta - s
+    \\rVert^2,$$
+
+    is the posterior mean of a linear-Gaussian state-space model, computed by
+    [`parallel_dynamics.KalmanSmoother`][]. This mirrors how `optimistix` poses damped
+    Newton steps, as the linear least-squares problem
+    $[J; \\sqrt{\\lambda} I]\\,\\Delta = [F; 0]$.
+    """
+
+    bidiagonal: BlockBidiagonalOperator
+    damping: Scalar
+
+    def __check_init__(self):
+        if not self.bidiagonal.lower:
+            raise ValueError(
+                "`DampedBidiagonalOperator` needs a lower bidiagonal operator."
+            )
+
+    def _root_damping(self):
+        damping = jnp.sqrt(self.damping)
+        return damping[:, None] if jnp.ndim(damping) == 1 else damping
+
+    def mv(self, vector):
+        return self.bidiagonal.mv(vector), self._root_damping() * vector
+
+    def as_matrix(self):
+        matrix = self.bidiagonal.as_matrix()
+        structure = self.in_structure()
+        root = jnp.broadcast_to(self._root_damping(), structure.shape).reshape(-1)
+        return jnp.concatenate([matrix, jnp.diag(root).astype(matrix.dtype)], axis=0)
+
+    def transpose(self):
+        def transposed_mv(vector):
+            residual, damped = vector
+            return self.bidiagonal.T.mv(residual) + self._root_damping() * damped
+
+        return lx.FunctionLinearOperator(transposed_mv, self.out_structure())
+
+    def in_structure(self):
+        return self.bidiagonal.in_structure()
+
+    def out_structure(self):
+        structure = self.bidiagonal.out_structure()
+        return structure, structure
+
+
+@lx.linearise.register(DampedBidiagonalOperator)
+@lx.materialise.register(DampedBidiagonalOperator)
+def _(operator):
+    return operator
+
+
+@lx.is_symmetric.register(DampedBidiagonalOperator)
+@lx.is_diagonal.register(DampedBidiagonalOperator)
+@lx.is_tridiagonal.register(DampedBidiagonalOperator)
+@lx.has_unit_diagonal.register(DampedBidiagonalOperator)
+@lx.is_lower_triangular.register(DampedBidiagonalOperator)
+@lx.is_upper_triangular.register(DampedBidiagonalOperator)
+@lx.is_positive_semidefinite.register(DampedBidiagonalOperator)
+@lx.is_negative_semidefinite.register(DampedBidiagonalOperator)
+def _(operator):
+    return False
+
+
+@lx.conj.register(DampedBidiagonalOperator)
+def _(operator):
+    return DampedBidiagonalOperator(lx.conj(operator.bidiagonal), operator.damping)

@@ -14,7 +14,6 @@ from .sharded import (
     ShardedScan as ShardedScan,
 )
 from .smoother import (
-    DampedBidiagonalOperator as DampedBidiagonalOperator,
     kalman_smooth as kalman_smooth,
     KalmanFilter as KalmanFilter,
     KalmanSmoother as KalmanSmoother,
