@@ -104,15 +104,17 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
     $[k, k + W)$: the converged prefix $t < k$ (every defect below tolerance) stays
     fixed, $y_k$ is set to $f(y_{k-1}, x_k)$ exactly, and the damped least-squares
     problem of the window alone (no residuals or coupling outside it) is solved
-    exactly. $W$ is a trust region in time: it doubles after a good step ($\\rho >
-    1/4$) and halves after a rejected one. A rejected trial still contributes its
+    exactly. $W$ is a trust region in time (`window`,
+    [`parallel_dynamics.TimeWindow`][]): it doubles after a good step and halves after
+    a rejected one. A rejected trial still contributes its
     converged prefix. The converged prefix grows by at least one step per iteration,
     so after at most $T$ iterations every step satisfies the recurrence to tolerance.
 
     **Stopping.** Small defects alone do not make a trajectory accurate: on a nearly
     neutral map defects just below tolerance add up along the trajectory. Once every
     defect is below tolerance, the next step is an undamped (Newton, $\\lambda = 0$)
-    step over the whole trajectory, which estimates the remaining error; the solve
+    step over the whole trajectory (the scan of `linear_solver` without damping: sharded,
+    parallel or sequential as it is), which estimates the remaining error; the solve
     stops when that step is finite, keeps every defect
     $|F(Y)_t| < \\text{atol} + \\text{rtol}\\,|y_t|$ and moves no state by more than
     the same tolerance. If the Newton step overflows (chaotic maps in single
