@@ -20,8 +20,9 @@ def as_recurrence(args: PyTree, solver: eqx.Module) -> Recurrence:
     if not isinstance(args, Recurrence):
         raise TypeError(
             f"`{type(solver).__name__}` solves recurrences: call it through "
-            "`parallel_dynamics.solve` (or pass a `parallel_dynamics.Recurrence` as the "
-            f"`args` of `optimistix.root_find`), not with args of type "
+            "`parallel_dynamics.solve`, or build `fn, args` for `optimistix.root_find` "
+            "with `parallel_dynamics.root_find_problem` (`args` is a "
+            "`parallel_dynamics.Recurrence`), not with args of type "
             f"{type(args).__name__}."
         )
     return args
