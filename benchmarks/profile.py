@@ -26,10 +26,11 @@ module measures it. GRU problem of the grid (T = 10^4, float32), for every D:
    rather than the sum, because on this shared machine single events take several
    times their usual time (another process, the first operations of a trace).
 3. **Categories.** Every instruction is located in the compiled program
-   (`fn.lower(...).compile().as_text()`) and classified by `classify` from its
-   place (outside the solver's loop or in it), its `op_name` metadata (e.g.
-   `.../while/body/vmap(jvp(eqx.nn.GRUCell))/dot_general`) and what it computes. The
-   rules are in `classify`; what matches none of them is reported as `other`.
+   (`fn.lower(...).compile().as_text()`, read by `benchmarks.hlo`) and classified by
+   `benchmarks.classify` from its place (outside the solver's loop or in it), its
+   `op_name` metadata (e.g. `.../while/body/vmap(jvp(eqx.nn.GRUCell))/dot_general`)
+   and what it computes. The rules are in `classify`; what matches none of them is
+   reported as `other`.
 4. **Times.** The profile is put on the scale of the untraced wall time: the
    operations' times per solve add up to it, in proportion to their traced times
    (the time the runtime spends between operations is spread over them). The
@@ -62,13 +63,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
-import glob
-import gzip
-import json
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 
 import jax
@@ -77,6 +73,7 @@ import numpy as np
 
 import parallel_dynamics as pdyn
 
+from .classify import CATEGORIES, classify, short_op_name
 from .common import (
     backend_tag,
     environment,
@@ -89,6 +86,8 @@ from .common import (
     save_json,
     time_interleaved,
 )
+from .hlo import Instruction, parse_hlo
+from .trace import op_durations, trace_events
 
 
 LENGTH = 10_000
@@ -99,314 +98,11 @@ SOLVERS = {
     "DEER": (pdyn.DEER(rtol=0.0, atol=0.0), 3, "dense"),
     "lax.scan": None,
 }
-CATEGORIES = {
-    "step + Jacobian": "the step evaluated for all t at once and its derivative "
-    "(op_name under `vmap(` or `jvp(`), the extraction of the diagonal and the "
-    "fusions mostly made of them included; in `lax.scan`, the step itself "
-    "(`eqx.nn.GRUCell`)",
-    "linear solve (scan)": "the linear recurrence: the `while` of the linear "
-    "solve (or the `call` XLA compiles it into) and what runs inside it",
-    "residual and update": "elementwise arithmetic of the Newton update in "
-    "fusions of its own: the update y - delta (the residual y - f(y_prev) is fused "
-    "with the step's output, and counted with the step)",
-    "checks and control": "finiteness checks, the stopping test's norms, selects, "
-    "and the scalar operations of the loops (counters, conditions)",
-    "copies and buffers": "copies, broadcasts (zero-filled buffers, the initial "
-    "guess), slices, pads, concatenations and dynamic (update) slices: the shifted "
-    "trajectory, the loop carries, the batches",
-    "outside the loop": "operations of the entry computation, outside the solver's "
-    "`while` (XLA hoists loop-invariant work there, such as the inputs' product "
-    "with the GRU's input weights, whatever its op_name)",
-    "other": "none of the above",
-}
 TOP_OPS = 8
 # A trace of several solves is made only if it holds fewer events than this; else
 # the first trace, of one solve, is used.
 EVENTS_PER_TRACE = 300_000
 PROFILER_EVENT_LIMIT = 1_000_000
-MOVES = {
-    "copy",
-    "broadcast",
-    "broadcast_in_dim",
-    "slice",
-    "pad",
-    "concatenate",
-    "scatter",
-    "gather",
-    "transpose",
-    "dynamic-slice",
-    "dynamic_slice",
-    "dynamic-update-slice",
-    "dynamic_update_slice",
-    "reshape",
-    "bitcast",
-}
-CHECKS = ("is_finite", "is-finite", "reduce_and", "reduce_max", "select_n", "/cond/")
-UPDATES = {"sub", "add", "mul", "add_any", "neg", "subtract", "multiply"}
-CONTROL_FLOW = {"while", "call", "conditional"}
-PLUMBING = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
-
-
-# --------------------------------------------------------------------------- HLO
-
-
-@dataclasses.dataclass(frozen=True)
-class Instruction:
-    """One HLO instruction of the compiled program, as far as classifying it needs.
-
-    - `op_name`: its own, or when it has none the most common one of the
-      instructions it calls (a fusion's), or of its users (XLA drops it from some
-      rewritten dots);
-    - `step_fraction`: the fraction of the instructions it calls (a fusion's, a
-      loop's body) that belong to the step (`_is_step`);
-    - `shape`: its result's shape, e.g. `f32[10000,16]{1,0}`;
-    - `root`: what a fusion's computation returns (its root's opcode);
-    - `enclosing`: the op_names of the `while`/`call` instructions that run it,
-      outermost first (none: the entry computation);
-    - `condition`: whether it belongs to a loop's condition rather than its body.
-    """
-
-    name: str
-    opcode: str
-    op_name: str
-    shape: str = ""
-    step_fraction: float = 0.0
-    root: str = ""
-    scalar: bool = False
-    enclosing: tuple[str, ...] = ()
-    condition: bool = False
-
-    @property
-    def depth(self) -> int:
-        """0: the entry computation; 1: the body of a loop there; 2: a loop in it."""
-        return len(self.enclosing)
-
-
-@dataclasses.dataclass(frozen=True)
-class Program:
-    """The instructions of a compiled program by name (names are unique within an
-    HLO module), and for every `while`/`call`/`conditional` the instructions it
-    runs, transitively."""
-
-    instructions: dict[str, Instruction]
-    bodies: dict[str, frozenset[str]]
-
-
-_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\(")
-_CALLED = re.compile(
-    r"\b(calls|to_apply|body|condition|branch_computations)=%([\w.-]+)"
-)
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_OPERAND = re.compile(r"%([\w.-]+)")
-_SCALAR = re.compile(r"[a-z]+[0-9]*\[\](\{\})?")
-
-
-def parse_hlo(text: str) -> Program:
-    """The program of an optimised HLO module's text
-    (`jitted.lower(...).compile().as_text()`)."""
-    raw, computations, roots, entry = _read(text)
-    enclosing, conditions = _control_flow(raw, computations, entry)
-    users = collections.defaultdict(list)
-    for name, r in raw.items():
-        for operand in r["operands"]:
-            users[operand].append(name)
-    instructions, bodies = {}, {}
-    for name, r in raw.items():
-        called = [c for _, c in r["called"]]
-        inside = _members(called, raw, computations)
-        inner = [
-            raw[n]["op_name"]
-            for n in inside
-            if raw[n]["op_name"] and raw[n]["opcode"] not in PLUMBING
-        ]
-        op_name = r["op_name"] or _most_common(inner)
-        op_name = op_name or _most_common(raw[u]["op_name"] for u in users[name])
-        instructions[name] = Instruction(
-            name=name,
-            opcode=r["opcode"],
-            op_name=op_name,
-            shape=r["shape"],
-            step_fraction=sum(map(_is_step, inner)) / len(inner) if inner else 0.0,
-            root=roots.get(called[0], "") if r["opcode"] == "fusion" and called else "",
-            scalar=_SCALAR.fullmatch(r["shape"]) is not None,
-            enclosing=enclosing.get(r["computation"], ()),
-            condition=r["computation"] in conditions,
-        )
-        if r["opcode"] in CONTROL_FLOW:
-            bodies[name] = frozenset(inside)
-    return Program(instructions, bodies)
-
-
-def _read(text: str):
-    """The instructions of every computation of an HLO module's text: their opcode,
-    op_name, result shape, the computations they call and their
-    operands; each computation's root opcode; the entry computation's name."""
-    raw: dict[str, dict] = {}
-    computations: dict[str, list[str]] = collections.defaultdict(list)
-    roots: dict[str, str] = {}
-    entry = current = None
-    for line in text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            current = header.group(2)
-            entry = current if header.group(1) else entry
-            continue
-        match = _INSTRUCTION.match(line)
-        if match is None or current is None:
-            continue
-        is_root, name, shape, opcode = match.groups()
-        op_name = _OP_NAME.search(line)
-        raw[name] = {
-            "opcode": opcode,
-            "op_name": op_name.group(1) if op_name else "",
-            "shape": shape,
-            "called": _CALLED.findall(line),
-            "operands": _OPERAND.findall(line[match.end() :].split("), ", 1)[0]),
-            "computation": current,
-        }
-        computations[current].append(name)
-        if is_root:
-            roots[current] = opcode
-    return raw, computations, roots, entry
-
-
-def _control_flow(raw, computations, entry) -> tuple[dict, set[str]]:
-    """For every computation that `while`/`call`/`conditional` instructions run
-    (fusions' computations excluded), the op_names of those instructions from the
-    entry computation down; and the computations that are loop conditions."""
-    enclosing = {entry: ()}
-    conditions = set()
-    pending = [entry]
-    while pending:
-        computation = pending.pop()
-        for name in computations[computation]:
-            if raw[name]["opcode"] not in CONTROL_FLOW:
-                continue
-            for role, called in raw[name]["called"]:
-                if role == "condition":
-                    conditions.add(called)
-                if called not in enclosing:
-                    enclosing[called] = (*enclosing[computation], raw[name]["op_name"])
-                    pending.append(called)
-    return enclosing, conditions
-
-
-def _members(called, raw, computations) -> list[str]:
-    """The instructions of the computations `called`, and of those they call."""
-    members = []
-    pending, seen = list(called), set()
-    while pending:
-        computation = pending.pop()
-        if computation in seen:
-            continue
-        seen.add(computation)
-        for name in computations.get(computation, []):
-            members.append(name)
-            pending.extend(c for _, c in raw[name]["called"])
-    return members
-
-
-def _is_step(op_name: str) -> bool:
-    """Under the vmapped step or its derivative, or the GRU's own module (the step
-    in `lax.scan`), and not in the linear solve."""
-    step = "vmap(" in op_name or "jvp(" in op_name or "eqx.nn.GRUCell" in op_name
-    return step and "linear_solve" not in op_name
-
-
-def _most_common(names) -> str:
-    counts = collections.Counter(name for name in names if name)
-    return counts.most_common(1)[0][0] if counts else ""
-
-
-def classify(instruction: Instruction) -> str:
-    """The category of an instruction; the first rule that matches wins:
-
-    1. `outside the loop`: in the entry computation (depth 0), unless it is a loop
-       that XLA compiles into one operation (`lax.scan` at D = 4): rules 2 and 3;
-    2. `linear solve (scan)`: the `while` or `call` of the linear solve (op_name
-       under `linear_solve`) and everything it runs; a copy of the solve's operands
-       before its loop is a copy (rule 7);
-    3. `step + Jacobian`: op_name under `vmap(` or `jvp(` (the vmapped step, its
-       derivative, the diagonal's extraction), or naming `eqx.nn.GRUCell`
-       (`lax.scan`'s step, not vmapped); or a fusion, `while` or `call` at least half
-       of whose instructions are (a fusion's op_name is its root's: DEER's Jacobian
-       blocks fused with their write into the `(T, D, D)` buffer are the
-       Jacobian, not a copy);
-    4. `checks and control`: any instruction with a scalar result (counters,
-       conditions, the stopping decision);
-    5. `copies and buffers`: a copy or data movement (broadcast, slice, pad,
-       concatenation, dynamic slice, scatter...) by its opcode;
-    6. `checks and control`: op_name naming finiteness, `reduce_and`,
-       `reduce_max`, a select or a loop's condition;
-    7. `copies and buffers`: a fusion whose root is a data movement, or op_name
-       ending in one;
-    8. `checks and control`: another reduction (the stopping test's norm);
-    9. `residual and update`: elementwise subtraction, addition, product;
-    10. `other`.
-    """
-    op = instruction.op_name
-    last = op.rsplit("/", 1)[-1]
-    if instruction.depth == 0 and instruction.opcode not in CONTROL_FLOW:
-        return "outside the loop"
-    if any("linear_solve" in loop for loop in instruction.enclosing) or (
-        instruction.opcode in CONTROL_FLOW and "linear_solve" in op
-    ):
-        return "linear solve (scan)"
-    if _is_step(op) or instruction.step_fraction >= 0.5:
-        return "step + Jacobian"
-    if instruction.scalar:
-        return "checks and control"
-    if instruction.opcode in MOVES:  # its op_name may be its users'
-        return "copies and buffers"
-    if any(check in op for check in CHECKS):
-        return "checks and control"
-    if instruction.root in MOVES or last in MOVES:
-        return "copies and buffers"
-    if last.startswith("reduce"):
-        return "checks and control"
-    if last in UPDATES:
-        return "residual and update"
-    return "other"
-
-
-def short_op_name(op_name: str, width: int = 64) -> str:
-    """The op_name without its leading `jit(...)` components, at most `width`
-    characters (the end kept)."""
-    parts = op_name.split("/")
-    while len(parts) > 1 and parts[0].startswith("jit("):
-        parts = parts[1:]
-    text = "/".join(parts)
-    return text if len(text) <= width else "..." + text[-(width - 3) :]
-
-
-# --------------------------------------------------------------------------- trace
-
-
-def trace_events(fn: Callable, args, solves: int) -> list[dict]:
-    """The complete events (`ph == "X"`) of `solves` calls of `fn`, traced."""
-    with tempfile.TemporaryDirectory(prefix="pdyn_profile_") as directory:
-        with jax.profiler.trace(directory, create_perfetto_trace=True):
-            for _ in range(solves):
-                jax.block_until_ready(fn(*args))
-        path = glob.glob(f"{directory}/**/perfetto_trace.json.gz", recursive=True)[0]
-        with gzip.open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return [e for e in events if e.get("ph") == "X"]
-
-
-def op_durations(events, program: Program) -> dict[str, list[float]]:
-    """The traced durations (microseconds) of every leaf instruction's events."""
-    durations = collections.defaultdict(list)
-    for e in events:
-        if e["name"] in program.instructions:
-            durations[e["name"]].append(e["dur"])
-    containers = {
-        name
-        for name, inside in program.bodies.items()
-        if name in durations and any(member in durations for member in inside)
-    }
-    return {n: d for n, d in durations.items() if n not in containers}
 
 
 def profile_solve(

@@ -1,4 +1,4 @@
-"""The classification of `benchmarks/profile.py`, on the compiled program of a small
+"""The classification of `benchmarks.classify`, on the compiled program of a small
 quasi-DEER solve: every instruction gets a category, and the parts of an iteration
 land where the profile says they do."""
 
@@ -9,13 +9,8 @@ import jax
 import jax.numpy as jnp
 
 import parallel_dynamics as pdyn
-from benchmarks.profile import (
-    CATEGORIES,
-    classify,
-    CONTROL_FLOW,
-    parse_hlo,
-    PLUMBING,
-)
+from benchmarks.classify import CATEGORIES, classify
+from benchmarks.hlo import CONTROL_FLOW, parse_hlo, PLUMBING
 
 
 def test_every_instruction_of_a_solve_is_classified():
