@@ -233,6 +233,7 @@ class DiffraxStep(eqx.Module):
     solver: dfx.AbstractSolver
     direction: Any
     precompute_increments: bool = eqx.field(static=True)
+    implicit: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -245,6 +246,7 @@ class DiffraxStep(eqx.Module):
         self.solver = _differentiable_solver(solver)
         self.direction = direction
         self.precompute_increments = not _solver_nodes(solver, _SUBSTEPPING_SOLVERS)
+        self.implicit = bool(_solver_nodes(solver, dfx.AbstractImplicitSolver))
 
     def inputs(self, ts: Real[ArrayLike, " N+1"]) -> tuple:
         """The inputs $x_1, \\dots, x_N$ of the steps between the times `ts`
@@ -298,10 +300,22 @@ class DiffraxStep(eqx.Module):
         terms = self._wrapped_terms(tprev, tnext, increments)
         tprev = tprev * self.direction
         tnext = tnext * self.direction
+        if self.implicit:
+            # An implicit step from a non-finite state is non-finite, without running
+            # its root finder there: the derivative of a root find solves a linear
+            # system, and Lineax raises on non-finite input even with `throw=False`
+            # (a parallel solver's diverged iterate would then raise instead of
+            # returning `RESULTS.nonfinite`).
+            finite = jnp.all(
+                jnp.stack([jnp.all(jnp.isfinite(a)) for a in jtu.tree_leaves(y)])
+            )
+            y = jtu.tree_map(lambda a: jnp.where(finite, a, jnp.zeros_like(a)), y)
         state = self.solver.init(terms, tprev, tnext, y, args)
         y1, _, dense_info, _, result = self.solver.step(
             terms, tprev, tnext, y, args, state, True
         )
+        if self.implicit:
+            y1 = jtu.tree_map(lambda a: jnp.where(finite, a, jnp.nan), y1)
         return y1, dense_info, result
 
     def __call__(self, y: PyTree, x: tuple, args: PyTree) -> PyTree:

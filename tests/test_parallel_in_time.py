@@ -345,6 +345,24 @@ def test_stiff_heat_equation_with_implicit_euler():
     assert _iterations(sol) <= 2  # linear: one Newton step, one to verify
 
 
+def test_implicit_step_from_a_non_finite_state_is_non_finite_and_does_not_raise():
+    # A diverged iterate of a parallel solver reaches the step map; the derivative of
+    # the implicit step's root find would raise on it (Lineax rejects non-finite
+    # input), so the step is non-finite there without running the root finder.
+    from parallel_dynamics._diffrax import DiffraxStep
+
+    step = DiffraxStep(TERM, dfx.ImplicitEuler(root_finder=_ROOT_FINDER))
+    x = (jnp.array(0.0), jnp.array(0.02), ())
+    y = jnp.array([jnp.nan, 1.0])
+    assert np.all(np.isnan(step(y, x, ARGS)))
+    jacobian = jax.jit(jax.jacfwd(step))(y, x, ARGS)
+    assert jacobian.shape == (2, 2)
+    expected = dfx.diffeqsolve(
+        TERM, step.solver, 0.0, 0.02, 0.02, Y0, ARGS, saveat=dfx.SaveAt(t1=True)
+    )
+    np.testing.assert_array_equal(step(Y0, x, ARGS), expected.ys[0])
+
+
 # --- arguments ----------------------------------------------------------------------
 
 
