@@ -27,8 +27,11 @@ figure that predicts accelerator time when every parallel operation is one unit:
   k = ⌈√N⌉ slices, where its span per iteration is smallest.
 
 The stiff part (full mode): Robertson's kinetics on a geometric `StepTo` grid to
-t = 1e5, Van der Pol with μ = 1000 and a heat equation by the method of lines
-(D = 50), with `diffrax.Kvaerno5` and `diffrax.ImplicitEuler` at fixed steps.
+t = 1e5, Van der Pol with μ = 1000 (on the step times of an adaptive Kvaerno5
+solve) and a heat equation by the method of lines (D = 50), with
+`diffrax.Kvaerno5` and `diffrax.ImplicitEuler` at fixed steps (Newton root finders
+at tolerance 1e-10; 1e-8 for Van der Pol), each against `diffrax.diffeqsolve` on
+the same grid, by TrustDEER and DEER from the constant and the coarse guess.
 
 Writes `benchmarks/results/parallel_in_time_<device>[_quick].json`, a Markdown file
 of the tables and a PNG of iterations and span against N next to it.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import sys
 import time
@@ -69,7 +73,9 @@ METHODS = (
     "Parareal, k",
     "Parareal, k = ⌈√N⌉",
 )
-PARTS = ("odes", "against_n", "stiff")
+PARTS = ("odes", "against_n", "slices", "stiff")
+SLICE_PROBLEMS = ("Lotka-Volterra (1.5,1,3,1)", "Kepler e=0.5", "Kepler e=0.9")
+SLICE_SIZES = (1, 5, 20, 100, 400, 2000)
 SWEEP_PROBLEMS = ("Lotka-Volterra (1.5,1,3,1)", "Kepler e=0.5", "Van der Pol mu=1")
 
 
@@ -337,14 +343,57 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def slice_rows(steps: int) -> list[dict]:
+    """TrustDEER from the constant and the coarse guess against the slice length m:
+    span = (coarse steps) + iterations × (m + ⌈log₂ (N / m)⌉) + m."""
+    rows = []
+    for label in SLICE_PROBLEMS:
+        problem = ODE_PROBLEMS[label]
+        y0 = jnp.asarray(problem.y0, jnp.float64)
+        args = None if problem.args is None else jnp.asarray(problem.args)
+        reference = _reference(problem.vector_field, steps)(y0, args)
+        for m in SLICE_SIZES:
+            for coarse in (None, pdyn.CoarseGuess()):
+                solve = _pdyn_solve(problem.vector_field, steps, coarse, m)
+                value, stats, result = solve(y0, args)
+                iterations = int(stats["num_parallel_iterations"])
+                sequential = int(stats.get("num_coarse_steps", 0))
+                slices = -(-steps // m)
+                name = result_name(result)
+                span = sequential + iterations * (m + log2_ceil(slices)) + m
+                method = "coarse guess" if coarse else "constant guess"
+                row = _row(
+                    label, steps, method, value, reference, steps_per_slice=m,
+                    iterations=iterations, result=name,
+                    successful=name == "successful", span=span,
+                    coarse_steps=sequential,
+                )  # fmt: skip
+                rows.append(row)
+                print(
+                    f"  {label:<28} N={steps} m={m:<5} {method:<15} "
+                    f"{_cell(row):>10}  span {span:>6}",
+                    flush=True,
+                )
+        jax.clear_caches()
+    return rows
+
+
 # --------------------------------------------------------------------------- stiff
 
 
-_ROOT_FINDER = optx.Newton(rtol=1e-10, atol=1e-10)
-STIFF_SOLVERS = {
-    "Kvaerno5": diffrax.Kvaerno5(root_finder=_ROOT_FINDER),
-    "ImplicitEuler": diffrax.ImplicitEuler(root_finder=_ROOT_FINDER),
-}
+# DEER is left out on Van der Pol: there its diverged iterates make an implicit
+# step's root finder return NaN, whose derivative raises inside Lineax (an
+# `EquinoxRuntimeError` even with `throw=False`), after which XLA:CPU hung.
+STIFF_PARALLEL = (pdyn.TrustDEER(), pdyn.DEER())
+
+
+def stiff_solvers(tolerance: float) -> dict:
+    """Kvaerno5 and implicit Euler with Newton root finders of the given tolerance."""
+    root_finder = optx.Newton(rtol=tolerance, atol=tolerance)
+    return {
+        "Kvaerno5": diffrax.Kvaerno5(root_finder=root_finder),
+        "ImplicitEuler": diffrax.ImplicitEuler(root_finder=root_finder),
+    }
 
 
 def robertson(t, y, args):
@@ -375,8 +424,10 @@ def _adaptive_steps(field, t1: float, y0=(2.0, 0.0), args=1000.0) -> np.ndarray:
     """The step times that an adaptive `diffrax.Kvaerno5` (rtol = atol = 1e-6)
     chooses: Van der Pol with mu = 1000 has jumps at folds of its slow manifold,
     where an implicit step of a fixed size has no nearby root (Diffrax itself fails
-    with 0.5, 0.1 or 0.02 on [0, 1000]); on the adaptive solve's grid the fixed-step
-    solves succeed."""
+    with 0.5, 0.1 or 0.02 on [0, 1000]). On this grid Diffrax's fixed-step Kvaerno5
+    succeeds with a Newton root finder at tolerance 1e-8 (not at 1e-10, nor with
+    50 root-finder steps); implicit Euler fails on it, and on its own adaptive
+    grid."""
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field), diffrax.Kvaerno5(), 0.0, t1, 0.1,
         jnp.asarray(y0), args, saveat=diffrax.SaveAt(t0=True, steps=True),
@@ -388,36 +439,42 @@ def _adaptive_steps(field, t1: float, y0=(2.0, 0.0), args=1000.0) -> np.ndarray:
 
 
 def stiff_problems() -> dict:
-    """name -> (vector field, t0, t1, dt0 or None, step times or None, y0, args)."""
+    """name -> (vector field, t0, t1, dt0 or None, step times or None, y0, args,
+    root finder tolerance)."""
     x = np.linspace(0, 1, HEAT_SIZE + 2)[1:-1]
     return {
         "Robertson to t = 1e5 (400 geometric steps)": (
             robertson, 0.0, 1e5, None,
             np.concatenate([[0.0], np.geomspace(1e-6, 1e5, 400)]),
-            np.array([1.0, 0.0, 0.0]), None,
+            np.array([1.0, 0.0, 0.0]), None, 1e-10,
         ),
         "Van der Pol mu = 1000 on [0, 3000] (adaptive Kvaerno5's steps)": (
             van_der_pol, 0.0, 3000.0, None, lambda: _adaptive_steps(van_der_pol, 3000.0),
-            np.array([2.0, 0.0]), 1000.0,
+            np.array([2.0, 0.0]), 1000.0, 1e-8,
         ),
-        f"heat equation D = {HEAT_SIZE} on [0, 1] (1000 steps)": (
-            heat, 0.0, 1.0, 1e-3, None,
-            np.sin(np.pi * x) + 0.5 * np.sin(7 * np.pi * x), None,
+        f"heat equation D = {HEAT_SIZE} on [0, 0.2] (200 steps)": (
+            heat, 0.0, 0.2, 1e-3, None,
+            np.sin(np.pi * x) + 0.5 * np.sin(7 * np.pi * x), None, 1e-10,
         ),
     }  # fmt: skip
 
 
 def stiff() -> list[dict]:
-    print("\n== Stiff problems, fixed steps, TrustDEER, float64 ==", flush=True)
+    print("\n== Stiff problems, fixed steps, float64 ==", flush=True)
     rows = []
-    for label, (field, t0, t1, dt0, ts, y0, args) in stiff_problems().items():
+    for label, problem in stiff_problems().items():
+        field, t0, t1, dt0, ts, y0, args, tolerance = problem
         if callable(ts):
             ts = ts()
-        controller = None if ts is None else diffrax.StepTo(jnp.asarray(ts))
+        controller = (
+            diffrax.ConstantStepSize()
+            if ts is None
+            else diffrax.StepTo(jnp.asarray(ts))
+        )
         steps = len(ts) - 1 if ts is not None else round((t1 - t0) / dt0)
         kwargs = dict(saveat=diffrax.SaveAt(steps=True), stepsize_controller=controller)
         y0 = jnp.asarray(y0)
-        for name, solver in STIFF_SOLVERS.items():
+        for name, solver in stiff_solvers(tolerance).items():
             term = diffrax.ODETerm(field)
             start = time.perf_counter()
             reference = diffrax.diffeqsolve(
@@ -425,16 +482,22 @@ def stiff() -> list[dict]:
                 **kwargs,
             )  # fmt: skip
             reference_result = result_name(reference.result)
-            for coarse in (None, pdyn.CoarseGuess()):
-                method = "coarse guess" if coarse else "constant guess"
+            solvers = (pdyn.TrustDEER(),) if "Van der Pol" in label else STIFF_PARALLEL
+            for parallel, coarse in itertools.product(
+                solvers, (None, pdyn.CoarseGuess())
+            ):
+                method = type(parallel).__name__ + (
+                    ", coarse guess" if coarse else ", constant guess"
+                )
                 try:
                     sol = pdyn.diffeqsolve(
                         term, solver, t0, t1, dt0, y0, args, coarse=coarse,
-                        throw=False, **kwargs,
+                        parallel=parallel, throw=False, **kwargs,
                     )  # fmt: skip
                 except Exception as e:
                     rows.append({"problem": label, "solver": name, "method": method})
                     rows[-1]["error"] = error_message(e)
+                    print(f"  {label} {name} {method}: {rows[-1]['error']}")
                     continue
                 result = result_name(sol.result)
                 row = _row(
@@ -502,8 +565,29 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     ]
     if body:
         out.append(("Summary over the problems each method solved", headers, body))
+    if results.get("slices"):
+        slice_rows_ = results["slices"]
+        headers = ["problem", "guess"] + [f"m = {m}" for m in SLICE_SIZES]
+        body = []
+        for problem in SLICE_PROBLEMS:
+            for method in ("constant guess", "coarse guess"):
+                cells = []
+                for m in SLICE_SIZES:
+                    r = [
+                        x
+                        for x in slice_rows_
+                        if x["problem"] == problem
+                        and x["method"] == method
+                        and x["steps_per_slice"] == m
+                    ]
+                    cells.append(f"{_cell(r[0])} / {r[0]['span']}" if r else "-")
+                body.append([problem, method] + cells)
+        steps = slice_rows_[0]["N"]
+        out.append(
+            (f"Slices of m steps, N = {steps}: iterations / span", headers, body)
+        )
     if results.get("stiff"):
-        headers = ["problem", "solver", "guess", "iterations", "coarse steps",
+        headers = ["problem", "solver", "parallel, guess", "iterations", "coarse steps",
                    "relative error vs Diffrax", "Diffrax"]  # fmt: skip
         body = [
             [
@@ -517,7 +601,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             ]  # fmt: skip
             for r in results["stiff"]
         ]
-        out.append(("Stiff problems (TrustDEER)", headers, body))
+        out.append(("Stiff problems", headers, body))
     return out
 
 
@@ -637,6 +721,9 @@ def main(argv=None) -> None:
                 against += ode_rows(label, steps)
             jax.clear_caches()
         results["against_n"] = against
+    if "slices" in args.parts:
+        print("\n== Slice length m (TrustDEER) ==", flush=True)
+        results["slices"] = slice_rows(2000 if args.quick else 20_000)
     if "stiff" in args.parts and not args.quick:
         results["stiff"] = stiff()
     results["seconds"]["total"] = round(time.perf_counter() - start, 1)
