@@ -459,10 +459,13 @@ def stiff_problems() -> dict:
     }  # fmt: skip
 
 
-def stiff() -> list[dict]:
+def stiff(only: tuple[str, ...] = ()) -> list[dict]:
+    """The stiff problems (those whose name contains a word of `only`, if given)."""
     print("\n== Stiff problems, fixed steps, float64 ==", flush=True)
     rows = []
     for label, problem in stiff_problems().items():
+        if only and not any(word.lower() in label.lower() for word in only):
+            continue
         field, t0, t1, dt0, ts, y0, args, tolerance = problem
         if callable(ts):
             ts = ts()
@@ -678,6 +681,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tag", default="", help="appended to the output file names")
+    parser.add_argument(
+        "--stiff-problems",
+        nargs="*",
+        default=[],
+        help="run the stiff problems whose name contains one of these words",
+    )
     parser.add_argument("--out-dir", default=RESULTS_DIR, type=type(RESULTS_DIR))
     parser.add_argument(
         "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run"
@@ -725,7 +734,7 @@ def main(argv=None) -> None:
         print("\n== Slice length m (TrustDEER) ==", flush=True)
         results["slices"] = slice_rows(2000 if args.quick else 20_000)
     if "stiff" in args.parts and not args.quick:
-        results["stiff"] = stiff()
+        results["stiff"] = stiff(tuple(args.stiff_problems))
     results["seconds"]["total"] = round(time.perf_counter() - start, 1)
     for title, headers, body in tables(results):
         from .plots import text_table
