@@ -187,6 +187,8 @@ def _stop(state, **overrides):
         progress=jnp.array(True),
         all_converged=jnp.array(True),
         now_converged=jnp.array(True),
+        merit_before=jnp.array(1.0),
+        merit_after=jnp.array(1.0),
         diffsize=jnp.array(0.5),
         superlinear=True,
         rounding=jnp.array(False),
@@ -212,11 +214,45 @@ def test_stopping_verifies_with_undamped_steps():
 
 def test_stopping_at_the_rounding_floor_after_steps_without_progress():
     state = init_stopping(jnp.float64)
-    _, state = _stop(state, newton=True, accepted=False)
-    for i in range(FLOOR_STEPS):
+    # A failed verification and damped steps that are all rejected.
+    done, state = _stop(state, newton=True, accepted=False)
+    assert not bool(done)
+    for i in range(1, FLOOR_STEPS):
         done, state = _stop(state, accepted=False, progress=False)
         assert bool(done) == (i == FLOOR_STEPS - 1)
     # Not while some defect is above tolerance.
     _, state = _stop(state, accepted=False, progress=False, now_converged=False)
     done, _ = _stop(state, accepted=False, progress=False, now_converged=False)
     assert not bool(done)
+
+
+def test_stopping_at_the_floor_when_accepted_steps_only_fluctuate():
+    """A fixed damping accepts every step; at the rounding floor the merit of those
+    steps goes up and down. Fluctuations are no progress; a steady decrease is."""
+    merits = [1.0, 0.995, 1.003, 0.999, 0.996, 1.001, 0.998, 0.997, 1.0, 0.999, 1.002]
+    state = init_stopping(jnp.float64)
+    stopped = []
+    for before, after in zip(merits[:-1], merits[1:]):
+        done, state = _stop(state, merit_before=before, merit_after=after)
+        stopped.append(bool(done))
+    # Ten steps, none of which improves on the best merit by 1 %.
+    assert stopped == [False] * (FLOOR_STEPS - 1) + [True]
+    state = init_stopping(jnp.float64)
+    for i in range(3 * FLOOR_STEPS):
+        done, state = _stop(state, merit_before=0.9**i, merit_after=0.9 ** (i + 1))
+        assert not bool(done)
+
+
+def test_stopping_counts_from_the_first_trajectory_at_tolerance():
+    """A step at the floor that pushes a defect back over tolerance is no progress
+    either; the solve stops only once every defect is below tolerance again."""
+    state = init_stopping(jnp.float64)
+    done, state = _stop(state, all_converged=False, now_converged=False)
+    assert int(state.floor_steps) == 0  # nothing at tolerance yet
+    for i in range(1, FLOOR_STEPS + 2):
+        at_tolerance = i % 3 != 0
+        done, state = _stop(
+            state, all_converged=at_tolerance, now_converged=at_tolerance
+        )
+        assert int(state.floor_steps) == i
+        assert bool(done) == (i >= FLOOR_STEPS and at_tolerance)

@@ -228,6 +228,10 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             progress=accept & (actual > 0),
             all_converged=all_converged,
             now_converged=jnp.where(accept, trial_start == length, all_converged),
+            merit_before=jnp.sum(residual**2),
+            merit_after=jnp.sum(
+                jnp.where(keep[:, None], trial_residual, residual) ** 2
+            ),
             diffsize=jnp.max(self.defect(y, update), initial=0),
             superlinear=self.superlinear,
             rounding=rounding,

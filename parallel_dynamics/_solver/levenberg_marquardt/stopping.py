@@ -8,10 +8,14 @@ from jaxtyping import Array, Bool, Int, Scalar
 from ..base import converged as converged_by_rate
 
 
-# Damped steps in a row that fail to decrease the merit once every defect is below
+# Steps in a row that fail to improve the merit once every defect is below
 # tolerance, after which the rounding floor is taken to be reached. With adaptive
 # damping that many rejections multiply the damping by 2^55.
 FLOOR_STEPS = 10
+# The relative decrease below the best merit so far that counts as an improvement. At
+# the rounding floor the merit of accepted steps fluctuates; with a fixed damping,
+# which accepts every step, a fluctuation downwards must not count as progress.
+FLOOR_GAIN = 0.01
 
 
 class StoppingState(eqx.Module):
@@ -20,8 +24,10 @@ class StoppingState(eqx.Module):
     # Accepted verification steps in a row, and the size of the last one.
     newton_steps: Int[Array, ""]
     newton_diffsize: Scalar
-    # Damped steps in a row that made no progress with every defect below tolerance.
+    # Steps in a row that did not improve on the best merit of an iterate with every
+    # defect below tolerance, and that best merit.
     floor_steps: Int[Array, ""]
+    best_merit: Scalar
 
 
 def init_stopping(dtype) -> StoppingState:
@@ -30,6 +36,7 @@ def init_stopping(dtype) -> StoppingState:
         newton_steps=jnp.array(0),
         newton_diffsize=jnp.array(jnp.inf, dtype),
         floor_steps=jnp.array(0),
+        best_merit=jnp.array(jnp.inf, dtype),
     )
 
 
@@ -47,6 +54,8 @@ def update_stopping(
     progress: Bool[Array, ""],
     all_converged: Bool[Array, ""],
     now_converged: Bool[Array, ""],
+    merit_before: Scalar,
+    merit_after: Scalar,
     diffsize: Scalar,
     superlinear: bool,
     rounding: Bool[Array, ""],
@@ -57,6 +66,8 @@ def update_stopping(
     - `progress`: the step was taken and decreased the merit.
     - `all_converged`, `now_converged`: every defect is below tolerance before and
         after the step.
+    - `merit_before`, `merit_after`: $\\lVert F \\rVert^2$ at the iterate before and
+        after the step.
     - `diffsize`: the size of the step relative to the tolerance.
 
     The verification succeeds as [`parallel_dynamics.DEER`][]'s stopping test does, on
@@ -65,9 +76,13 @@ def update_stopping(
 
     On chaotic maps the forward error of a trajectory whose defects are at tolerance
     can exceed the tolerance by the growth factor of the dynamics, and no iteration
-    (nor `lax.scan` itself) does better: the verification keeps failing and damped
-    steps stop decreasing the defects. After `FLOOR_STEPS` such steps every step
-    satisfies the recurrence to tolerance, and that is what is returned.
+    (nor `lax.scan` itself) does better: the verification keeps failing, and neither
+    its steps nor damped ones decrease the defects (in single precision the sizes of
+    consecutive verification steps stop contracting at the rounding level). After
+    `FLOOR_STEPS` steps in a row, with every defect below tolerance, that do not bring
+    the merit `FLOOR_GAIN` below its best value since every defect went below
+    tolerance, every step satisfies the recurrence to tolerance, and that is what is
+    returned.
     """
     newton_steps = jnp.where(newton & accepted, state.newton_steps + 1, 0)
     verified = (
@@ -82,10 +97,16 @@ def update_stopping(
             rounding=rounding,
         )
     )
-    floor_steps = jnp.where(
-        all_converged & ~newton,
-        jnp.where(progress, 0, state.floor_steps + 1),
-        jnp.where(all_converged, state.floor_steps, 0),
+    # Counted from the first time every defect is below tolerance: a step at the floor
+    # can push a defect back over tolerance, which is no progress either.
+    counting = all_converged | jnp.isfinite(state.best_merit)
+    best_before = jnp.where(
+        all_converged, jnp.minimum(state.best_merit, merit_before), state.best_merit
+    )
+    improved = merit_after < (1 - FLOOR_GAIN) * best_before
+    floor_steps = jnp.where(counting, jnp.where(improved, 0, state.floor_steps + 1), 0)
+    best_merit = jnp.where(
+        now_converged, jnp.minimum(best_before, merit_after), best_before
     )
     at_floor = (floor_steps >= FLOOR_STEPS) & now_converged
     new_state = StoppingState(
@@ -93,5 +114,6 @@ def update_stopping(
         newton_steps=newton_steps,
         newton_diffsize=jnp.where(newton & accepted, diffsize, jnp.inf),
         floor_steps=floor_steps,
+        best_merit=best_merit,
     )
     return verified | at_floor, new_state
