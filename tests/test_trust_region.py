@@ -80,6 +80,15 @@ def test_continuation_is_continuous_at_the_horizon():
     np.testing.assert_array_equal(continue_beyond(y, trial, jnp.array(5)), trial)
 
 
+def test_continuation_that_overflows_restarts_from_the_last_trusted_state():
+    big = 0.75 * np.finfo(np.float32).max
+    y = jnp.array([[0.0], [-big], [big], [big]], jnp.float32)
+    trial = jnp.array([[1.0], [2.0], [3.0], [4.0]], jnp.float32)
+    new = continue_beyond(y, trial, jnp.array(2))
+    # Shifted by trial[1] - y[1] = 2 + big, the states beyond would overflow.
+    np.testing.assert_array_equal(new, [[1.0], [2.0], [2.0], [2.0]])
+
+
 # --- agreement with the sequential reference -------------------------------------------
 
 

@@ -60,11 +60,16 @@ def continue_beyond(
     From the default initial guess (the initial state at every time) this continues
     the trajectory by the last trusted state: the next linearisation beyond the
     horizon is taken around where the trajectory is, not where it started. A
-    user's initial guess keeps its shape.
+    user's initial guess keeps its shape, unless the shifted states overflow (they
+    can have grown huge beyond the horizon): then every later state is the last
+    trusted one.
     """
     times = jnp.arange(y.shape[0])
     # A masked sum rather than a dynamic index, which stays local when the time axis
     # is sharded across devices.
     last = (times == horizon - 1)[:, None]
-    shift = jnp.sum(jnp.where(last, trial - y, 0), axis=0, dtype=y.dtype)
-    return jnp.where((times < horizon)[:, None], trial, y + shift)
+    trusted = jnp.sum(jnp.where(last, trial, 0), axis=0, dtype=y.dtype)
+    shift = trusted - jnp.sum(jnp.where(last, y, 0), axis=0, dtype=y.dtype)
+    shifted = y + shift
+    beyond = jnp.where(jnp.all(jnp.isfinite(shifted)), shifted, trusted)
+    return jnp.where((times < horizon)[:, None], trial, beyond)

@@ -55,7 +55,9 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
     Up to that horizon the trial is taken; beyond it the iterate is continued from
     the last trusted state (shifted by the correction there), so the next
     linearisation beyond the horizon is taken around where the trajectory has got to,
-    not around the initial guess. There is no damping parameter.
+    not around the initial guess. Where that continuation overflows, the iterate is
+    the last trusted state at every later time instead. There is no damping
+    parameter.
 
     Where every Newton step decreases the residual on every interval this *is* DEER,
     with DEER's iteration counts. Where undamped Newton overflows or diverges
@@ -127,8 +129,6 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
         finite_values = jnp.all(jnp.isfinite(values), axis=1)
         recurrence_finite = ~jnp.any((times == start) & ~finite_values)
         new_y = continue_beyond(y, trial, horizon)
-        # The last finite iterate is kept: a continuation of states that have grown
-        # huge beyond the horizon can overflow.
         accepted = recurrence_finite & all_finite(new_y)
         new_y = jnp.where(accepted, new_y, y)
         full = recurrence_finite & (horizon == length)
