@@ -117,6 +117,20 @@ def jit_solve(step: Callable, solver, **kwargs) -> Callable:
     return solve
 
 
+def jit_guessed_solve(step: Callable, solver, **kwargs) -> Callable:
+    """As `jit_solve`, from an initial guess: `solve(y0, inputs, args, init)`, with
+    `init=None` for the default guess."""
+
+    @eqx.filter_jit
+    def solve(y0, inputs, args, init):
+        sol = pdyn.solve(
+            step, solver, y0, inputs, args, init=init, throw=False, **kwargs
+        )
+        return sol.value, sol.stats["num_steps"], sol.result
+
+    return solve
+
+
 def solve_row(solve: Callable, operands: tuple, reference, suspect_above, **labels):
     """Runs `solve(*operands) -> (value, iterations, result)` and records it.
     Returns the row (with `error` where the solve raised) and the value where it is
@@ -420,6 +434,9 @@ ARGRU_TOLERANCE = 1e-6
 ARGRU_SEEDS = (1, 2, 3)
 ARGRU_MAD_TARGET = 1e-3
 ELK_PAPER = "ELK (paper: filter, λ=1e-6)"
+ELK_FILTER_JACOBI = "ELK (filter, λ=1e-7, Jacobi guess)"
+# Solvers started from `pdyn.jacobi_guess` instead of y0 at every time.
+ARGRU_FROM_JACOBI_GUESS = (ELK_FILTER_JACOBI,)
 ARGRU_SOLVERS = {
     "TrustDEER": lambda tol: pdyn.TrustDEER(rtol=tol, atol=tol),
     "DEER": lambda tol: pdyn.DEER(rtol=tol, atol=tol),
@@ -429,13 +446,25 @@ ARGRU_SOLVERS = {
         damping=pdyn.FixedDamping(1e-6),
         linear_solver=pdyn.KalmanFilter(),
     ),
+    ELK_FILTER_JACOBI: lambda tol: pdyn.ELK(
+        rtol=tol,
+        atol=tol,
+        damping=pdyn.FixedDamping(1e-7),
+        linear_solver=pdyn.KalmanFilter(),
+    ),
     "QuasiTrustDEER": lambda tol: pdyn.QuasiTrustDEER(rtol=tol, atol=tol),
     "QuasiDEER": lambda tol: pdyn.QuasiDEER(rtol=tol, atol=tol),
     "ELK": lambda tol: pdyn.ELK(rtol=tol, atol=tol),
     "QuasiELK": lambda tol: pdyn.QuasiELK(rtol=tol, atol=tol),
 }
-ARGRU_QUICK_SOLVERS = ("TrustDEER", "DEER", ELK_PAPER, "QuasiTrustDEER")
-ARGRU_TRACED = ("TrustDEER", ELK_PAPER)
+ARGRU_QUICK_SOLVERS = (
+    "TrustDEER",
+    "DEER",
+    ELK_PAPER,
+    ELK_FILTER_JACOBI,
+    "QuasiTrustDEER",
+)
+ARGRU_TRACED = ("TrustDEER", ELK_PAPER, ELK_FILTER_JACOBI)
 # A successful solve with a MAD above this has converged to something else.
 ARGRU_SUSPECT_MAD = 1e-2
 
@@ -454,7 +483,7 @@ def argru(quick: bool) -> dict:
         f"{ARGRU_TOLERANCE:g}, max_steps = {max_steps or 'default'} =="
     )
     solves = {
-        name: jit_solve(
+        name: jit_guessed_solve(
             argru_step, ARGRU_SOLVERS[name](ARGRU_TOLERANCE), max_steps=max_steps
         )
         for name in names
@@ -466,10 +495,12 @@ def argru(quick: bool) -> dict:
         exponents[seed] = _largest_exponent(
             argru_step, case.s0, drivers, case.params, reference
         )
+        jacobi = pdyn.jacobi_guess(argru_step, case.s0, drivers, case.params)
         for name, solve in solves.items():
+            init = jacobi if name in ARGRU_FROM_JACOBI_GUESS else None
             row, value = solve_row(
                 solve,
-                (case.s0, drivers, case.params),
+                (case.s0, drivers, case.params, init),
                 reference,
                 math.inf,
                 seed=seed,
@@ -509,8 +540,11 @@ def _add_trace(row: dict, case, drivers, reference) -> None:
     solve's count (it stops where the solver terminates)."""
     solver = ARGRU_SOLVERS[row["solver"]](ARGRU_TOLERANCE)
     count = int(1.2 * row["iterations"]) + 20
+    init = None
+    if row["solver"] in ARGRU_FROM_JACOBI_GUESS:
+        init = pdyn.jacobi_guess(argru_step, case.s0, drivers, case.params)
     trace = mad_trace(
-        solver, argru_step, case.s0, drivers, case.params, reference, count
+        solver, argru_step, case.s0, drivers, case.params, reference, count, init
     )
     row["first_iteration_mad_below_target"] = _first_below(trace, ARGRU_MAD_TARGET)
     print(

@@ -75,11 +75,12 @@ def _recurrence(step, y0, inputs, args) -> Recurrence:
     )
 
 
-def mad_trace(solver, step, y0, inputs, args, reference, num_iterations):
+def mad_trace(solver, step, y0, inputs, args, reference, num_iterations, init=None):
     """The MAD from the reference after each of `num_iterations` iterations (frozen
-    once the solver terminates), by driving the Optimistix solver's `step` directly."""
+    once the solver terminates), by driving the Optimistix solver's `step` directly,
+    from `init` ($y_0$ at every time by default)."""
     recurrence = _recurrence(step, y0, inputs, args)
-    guess = jnp.broadcast_to(y0, reference.shape)
+    guess = jnp.broadcast_to(y0, reference.shape) if init is None else init
     f_struct = jax.ShapeDtypeStruct(reference.shape, reference.dtype)
 
     @jax.jit

@@ -42,7 +42,11 @@ from ._operator import (
     DampedBidiagonalOperator as DampedBidiagonalOperator,
 )
 from ._problem import Recurrence as Recurrence
-from ._solve import root_find_problem as root_find_problem, solve as solve
+from ._solve import (
+    jacobi_guess as jacobi_guess,
+    root_find_problem as root_find_problem,
+    solve as solve,
+)
 from ._solver import (
     AbstractDamping as AbstractDamping,
     AbstractLevenbergMarquardt as AbstractLevenbergMarquardt,

@@ -287,6 +287,58 @@ def root_find_problem(
     return recurrence_residual, _bind(step, y0, inputs, args, length)
 
 
+def jacobi_guess(
+    step: Callable,
+    y0: PyTree[ArrayLike],
+    inputs: PyTree[ArrayLike] | None = None,
+    args: PyTree = None,
+    *,
+    length: int | None = None,
+) -> PyTree[Array]:
+    """An initial guess for the `init` of [`parallel_dynamics.solve`][]: one Jacobi
+    sweep from the default guess, that is one step from $y_0$ at every time,
+
+    $$y^{(0)}_t = f(y_0, x_t, \\theta), \\qquad t = 1, \\dots, T,$$
+
+    evaluated in parallel (one `vmap` over time).
+
+    The default guess, $y_0$ at every time, ignores the inputs. On maps driven by their
+    inputs whose state forgets where it started (a trained RNN, an autoregressive model
+    driven by noise) this guess already carries each step's input, and a constant
+    $y_0$ far from the typical state can make the linearisations of the first
+    iterations, taken around it, expand strongly. See "How to choose a solver" for
+    measured iteration counts. For ODEs, [`parallel_dynamics.CoarseGuess`][] is the
+    better guess.
+
+    **Arguments:**
+
+    - `step`, `y0`, `inputs`, `args`, `length`: as for [`parallel_dynamics.solve`][].
+
+    **Returns:**
+
+    The guess, laid out like `sol.value`: the structure of `y0` with a leading time
+    axis $T$.
+
+    !!! Example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import parallel_dynamics as pdyn
+
+        def step(h, x, w):
+            return jnp.tanh(w * h + x)
+
+        xs = jax.random.normal(jax.random.key(0), (1000, 8))
+        init = pdyn.jacobi_guess(step, jnp.zeros(8), xs, 0.5)
+        sol = pdyn.solve(step, pdyn.ELK(), jnp.zeros(8), xs, 0.5, init=init)
+        ```
+    """
+    _, recurrence = root_find_problem(step, y0, inputs, args, length=length)
+    constant = jnp.broadcast_to(recurrence.y0, (recurrence.length, recurrence.size))
+    return recurrence.layout.unflatten_trajectory(recurrence.evaluate(constant))
+
+
 @eqx.filter_jit
 def _solve(
     step: Callable,
