@@ -52,7 +52,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 import parallel_dynamics as pdyn  # noqa: E402
-from parallel_dynamics._diffrax import DiffraxStep  # noqa: E402
+from parallel_dynamics import DiffraxStep  # noqa: E402
 
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "ode_cpu.json"

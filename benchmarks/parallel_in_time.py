@@ -54,8 +54,8 @@ import numpy as np
 import optimistix as optx
 
 import parallel_dynamics as pdyn
+from parallel_dynamics import DiffraxStep
 from parallel_dynamics._coarse import automatic_factor, coarse_indices
-from parallel_dynamics._diffrax import DiffraxStep
 from parallel_dynamics._slices import slice_inputs, SliceStep
 
 from .common import backend_tag, environment, error_message, RESULTS_DIR, save_json

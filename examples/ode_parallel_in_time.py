@@ -37,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import parallel_dynamics as pdyn
-from parallel_dynamics._diffrax import DiffraxStep
+from parallel_dynamics import DiffraxStep
 
 
 jax.config.update("jax_enable_x64", True)

@@ -14,7 +14,7 @@ from ._blocks import (
 )
 from ._coarse import CoarseGuess as CoarseGuess
 from ._diagnostics import lyapunov_exponent as lyapunov_exponent
-from ._diffrax import diffeqsolve as diffeqsolve
+from ._diffrax import diffeqsolve as diffeqsolve, DiffraxStep as DiffraxStep
 from ._jacobian import (
     AbstractJacobian as AbstractJacobian,
     BlockDiagonalJacobian as BlockDiagonalJacobian,

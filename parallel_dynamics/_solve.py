@@ -7,10 +7,10 @@ import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
 import optimistix as optx
-from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import ImplicitAdjoint
+from ._failure import raise_on_failure
 from ._linear_solver.sharded import time_mesh
 from ._problem import Recurrence, recurrence_residual, StateLayout
 from ._solver import AbstractRecurrenceSolver, Sequential
@@ -403,7 +403,10 @@ def _solve(
     )
     sol = _check_exhausted(sol, solver, recurrence)
     if throw:
-        sol = _raise_on_failure(sol, time_mesh(solver)[0])
+        value = raise_on_failure(
+            sol.value, sol.result, _is_successful, _FAILURES, time_mesh(solver)[0]
+        )
+        sol = eqx.tree_at(lambda s: s.value, sol, value)
     return eqx.tree_at(lambda s: s.value, sol, layout.unflatten_trajectory(sol.value))
 
 
@@ -453,6 +456,10 @@ def _check_exhausted(
     return eqx.tree_at(lambda s: s.result, sol, result)
 
 
+def _is_successful(result: optx.RESULTS) -> Array:
+    return result == optx.RESULTS.successful
+
+
 _NONFINITE_MESSAGE = (
     "parallel_dynamics.solve: the iteration produced non-finite values (inf or NaN), "
     "either from the step itself or because the linearised recurrence overflowed, as "
@@ -481,55 +488,8 @@ _DIVERGENCE_MESSAGE = (
 )
 
 
-def _failure_token(result: optx.RESULTS) -> Array:
-    """A scalar zero that raises (at run time) if `result` is a failure."""
-    token = jnp.zeros((), jnp.int32)
-    token = eqx.error_if(token, result == optx.RESULTS.nonfinite, _NONFINITE_MESSAGE)
-    token = eqx.error_if(
-        token, result == optx.RESULTS.nonlinear_max_steps_reached, _MAX_STEPS_MESSAGE
-    )
-    token = eqx.error_if(
-        token, result == optx.RESULTS.nonlinear_divergence, _DIVERGENCE_MESSAGE
-    )
-    return result.error_if(token, result != optx.RESULTS.successful)
-
-
-def checked_token(result, failure_token: Callable, mesh: Mesh | None) -> Array:
-    """`failure_token(result)`: a scalar zero that raises (at run time) if `result`
-    is a failure. With a `mesh` it is computed on every device of the mesh (inside
-    `jax.shard_map`, where callbacks are per device), so no device waits for a token
-    broadcast from a device whose callback raised."""
-    if mesh is None or mesh.size == 1:
-        return failure_token(result)
-
-    def check(value):
-        return failure_token(eqx.tree_at(lambda r: r._value, result, value))
-
-    return jax.shard_map(
-        check,
-        mesh=mesh,
-        in_specs=PartitionSpec(),
-        out_specs=PartitionSpec(),
-        check_vma=False,
-    )(result._value)  # pyright: ignore
-
-
-def _raise_on_failure(sol: optx.Solution, mesh: Mesh | None = None) -> optx.Solution:
-    """Raises (at run time) if `sol.result` is a failure.
-
-    The checks run on a scalar token computed from `sol.result` alone, and the
-    trajectory is tied to the token by an elementwise select that always picks the
-    trajectory (a scalar broadcast, which XLA cannot drop as the token comes out of
-    the host callback of `equinox.error_if`): nothing that uses `sol.value` can run
-    before the checks. Unlike `equinox.error_if` on the whole solution, whose host
-    callback on one device would take the trajectory as an operand, this keeps
-    `sol.value` in the layout it was computed in, e.g. sharded along time across
-    devices.
-
-    With the `mesh` of a sharded solver the check runs on every device of the mesh
-    (inside `jax.shard_map`, where callbacks are per device), so no device waits for
-    a token broadcast from a device whose callback raised.
-    """
-    token = checked_token(sol.result, _failure_token, mesh)
-    value = jnp.where(token == 0, sol.value, jnp.nan)
-    return eqx.tree_at(lambda s: s.value, sol, value)
+_FAILURES = (
+    (optx.RESULTS.nonfinite, _NONFINITE_MESSAGE),
+    (optx.RESULTS.nonlinear_max_steps_reached, _MAX_STEPS_MESSAGE),
+    (optx.RESULTS.nonlinear_divergence, _DIVERGENCE_MESSAGE),
+)

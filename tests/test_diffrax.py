@@ -8,6 +8,11 @@ compiled function. Marked slow (each takes 10-30 s, mostly compiling): the SDE s
 (a virtual Brownian tree alone takes seconds to compile), the implicit solvers, and the
 gradients through interpolation and SDEs; a plain ODE gradient runs by default."""
 
+import importlib
+import pathlib
+import re
+import sys
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -20,8 +25,9 @@ import optimistix as optx
 import pytest
 
 import parallel_dynamics as pdyn
-from parallel_dynamics import _diffrax as pdyn_diffrax, diffeqsolve
-from parallel_dynamics._diffrax import DiffraxStep
+from parallel_dynamics import diffeqsolve, DiffraxStep
+from parallel_dynamics._diffrax import step as diffrax_step, version as diffrax_version
+from parallel_dynamics._diffrax.grid import _make_grid
 
 
 RTOL = 1e-8
@@ -150,7 +156,7 @@ def test_precomputed_brownian_increment_is_only_used_over_its_step():
     assert not DiffraxStep(terms, dfx.HalfSolver(dfx.Euler())).precompute_increments
     inputs = step.inputs(jnp.array([0.0, 0.5, 1.0]))
     x = jtu.tree_map(lambda u: u[1], inputs)
-    (stand_in,) = pdyn_diffrax._brownian_paths(step._wrapped_terms(*x))
+    (stand_in,) = diffrax_step._brownian_paths(step._wrapped_terms(*x))
     expected = path.evaluate(0.5, 1.0)
     np.testing.assert_array_equal(stand_in.evaluate(0.5, 1.0), expected)
     assert np.all(np.isnan(stand_in.evaluate(0.5, 0.75)))
@@ -200,6 +206,51 @@ def test_step_times_match_diffrax(t0, t1, dt0):
     assert_close(sol.ys, expected.ys)
 
 
+@pytest.mark.parametrize(
+    "t0, t1, dt0",
+    [
+        (0.0, 1.0, 0.3),
+        (0.0, 1.0, 0.1),
+        (0.5, 0.7, 1.0),
+        (2.0, -1.0, -0.07),
+        (0.0, 10.0, 0.01),
+        (np.float32(0.0), np.float32(1.0), np.float32(0.1)),  # float32 times
+    ],
+)
+def test_grid_matches_diffrax_steps(t0, t1, dt0):
+    # The step grid on its own against the times at which `diffrax.diffeqsolve` saves
+    # every step with a constant step size (without its `inf` padding).
+    grid = _make_grid(t0, t1, dt0, dfx.SaveAt(t1=True), dfx.ConstantStepSize())
+    expected = dfx.diffeqsolve(
+        ODE, dfx.Euler(), t0, t1, dt0, Y0, ARGS,
+        saveat=dfx.SaveAt(t0=True, steps=True),
+        stepsize_controller=dfx.ConstantStepSize(), max_steps=2000,
+    ).ts  # fmt: skip
+    expected = np.asarray(expected)[np.isfinite(expected)]
+    times = grid.times * grid.direction
+    assert times.dtype == expected.dtype
+    assert times.shape == expected.shape
+    assert times[0] == t0 and times[-1] == t1
+    # XLA may round the step times of Diffrax's compiled loop differently by an ULP.
+    ulp = np.finfo(expected.dtype).eps * np.max(np.abs(expected))
+    np.testing.assert_allclose(times, expected, rtol=0, atol=2 * ulp)
+
+
+@pytest.mark.parametrize("direction", [1, -1], ids=["forwards", "backwards"])
+def test_step_to_grid_matches_diffrax_steps(direction):
+    ts = jnp.sort(jr.uniform(jr.key(5), (30,), minval=0.0, maxval=3.0))
+    ts = direction * jnp.concatenate([jnp.array([0.0]), ts, jnp.array([3.0])])
+    step_to = dfx.StepTo(ts)
+    grid = _make_grid(ts[0], ts[-1], None, dfx.SaveAt(t1=True), step_to)
+    expected = dfx.diffeqsolve(
+        ODE, dfx.Euler(), ts[0], ts[-1], None, Y0, ARGS,
+        saveat=dfx.SaveAt(t0=True, steps=True), stepsize_controller=step_to,
+        max_steps=31,
+    ).ts  # fmt: skip
+    assert grid.direction == direction
+    np.testing.assert_array_equal(grid.times * grid.direction, expected)
+
+
 def test_step_to():
     solver = dfx.Heun()
     ts = jnp.concatenate([jnp.array([0.0]), jnp.sort(jr.uniform(jr.key(2), (40,)))])
@@ -239,6 +290,26 @@ def test_backwards_in_time():
     expected = _reference(ODE, solver, saveat, t0=t0, t1=t1, dt0=None, **step_to)
     sol = diffeqsolve(ODE, solver, t0, t1, None, Y0, ARGS, saveat=saveat, **step_to)
     assert_close(sol.ys, expected.ys)
+
+
+def test_sde_backwards_in_time():
+    # Backwards, Diffrax reads the Brownian path over each step in increasing time
+    # and negates the increment (`WrapTerm`); the step map reads the same intervals.
+    # The step times are given (`StepTo`) so that they are bitwise Diffrax's: an
+    # `UnsafeBrownianPath` draws an unrelated increment over any other interval.
+    path = dfx.UnsafeBrownianPath(shape=(3,), key=jr.key(4))
+    terms = dfx.MultiTerm(ODE, dfx.ControlTerm(_diffusion, path))
+    ts = jnp.linspace(1.0, -2.0, 61)
+    kwargs = dict(
+        saveat=dfx.SaveAt(t0=True, steps=True), stepsize_controller=dfx.StepTo(ts)
+    )
+    expected = _reference(
+        terms, dfx.Heun(), t0=1.0, t1=-2.0, dt0=None, adjoint=dfx.ForwardMode(),
+        **kwargs,
+    )  # fmt: skip
+    sol = diffeqsolve(terms, dfx.Heun(), 1.0, -2.0, None, Y0, ARGS, **kwargs)
+    assert_close(sol.ys, expected.ys)
+    np.testing.assert_array_equal(sol.ts, expected.ts)
 
 
 # --- what is saved ------------------------------------------------------------------
@@ -508,3 +579,35 @@ def test_traced_grid_needs_step_to():
         lambda y0: diffeqsolve(ODE, dfx.Euler(), T0, T1, DT0, y0, ARGS).ys
     )
     assert solve_static(Y0).shape == (1, 3)
+
+
+# --- the supported Diffrax versions -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "installed", ["0.6.2", "0.7.1", "0.8.0", "0.8.0rc1", "1.0", "unknown"]
+)
+def test_unsupported_diffrax_versions_fail_on_import(monkeypatch, installed):
+    monkeypatch.setattr(diffrax_version, "installed_version", lambda: installed)
+    match = (
+        rf"supports diffrax{re.escape(diffrax_version.SUPPORTED)}.*"
+        rf"diffrax {re.escape(installed)} is installed"
+    )
+    with pytest.raises(ImportError, match=match):
+        diffrax_version.check_diffrax_version()
+    # The bridge checks on import, before it imports Diffrax's internals.
+    with pytest.raises(ImportError, match=match):
+        importlib.reload(sys.modules["parallel_dynamics._diffrax"])
+
+
+@pytest.mark.parametrize("installed", ["0.7.2", "0.7.10", "0.7.3.dev1"])
+def test_supported_diffrax_versions(monkeypatch, installed):
+    monkeypatch.setattr(diffrax_version, "installed_version", lambda: installed)
+    diffrax_version.check_diffrax_version()
+
+
+def test_the_supported_range_is_the_one_pyproject_pins():
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert diffrax_version.SUPPORTED == ">=0.7.2,<0.8"
+    assert f'"diffrax{diffrax_version.SUPPORTED}"' in pyproject.read_text()
+    diffrax_version.check_diffrax_version()  # the installed version

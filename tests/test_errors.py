@@ -2,6 +2,9 @@
 last finite iterate with the failing result, `throw=True` raises a message that says
 what happened and what to try. (Wrong arguments: `test_validation.py`.)"""
 
+import diffrax as dfx
+import equinox._errors
+import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
@@ -194,3 +197,51 @@ def test_elk_stays_finite_on_the_chaotic_map():
         assert bool(jnp.all(defect <= 2 * tol * (1 + jnp.abs(sol.value))))
     else:
         assert sol.result == optx.RESULTS.nonlinear_max_steps_reached
+
+
+# --- EQX_ON_ERROR=nan ---------------------------------------------------------------
+
+
+@pytest.fixture
+def eqx_on_error_nan(monkeypatch):
+    """`EQX_ON_ERROR=nan` for what is traced within the test. Equinox reads the
+    variable on import, and caches its traced checks without it, hence the cleared
+    caches, before (so that the checks are traced again) and after (so that no other
+    test runs a check traced with it)."""
+    jax.clear_caches()
+    monkeypatch.setattr(equinox._errors, "EQX_ON_ERROR", "nan")
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+@pytest.mark.usefixtures("eqx_on_error_nan")
+def test_eqx_on_error_nan_makes_a_failed_solve_nan_in_solve_and_diffeqsolve():
+    # `throw=True` raises through `equinox.error_if`, so with `EQX_ON_ERROR=nan` a
+    # failure gives NaN values instead, in `pdyn.solve` and `pdyn.diffeqsolve` alike.
+
+    def step(y, x, args):
+        return jnp.tanh(args * y + x)
+
+    xs = jnp.sin(jnp.arange(40.0))[:, None] * jnp.ones((40, 3))
+    y0 = jnp.ones(3)
+    kwargs = dict(max_steps=1)
+    failed = pdyn.solve(step, pdyn.QuasiDEER(), y0, xs, 2.0, throw=False, **kwargs)
+    assert failed.result == optx.RESULTS.nonlinear_max_steps_reached
+    assert finite(failed.value)
+    sol = pdyn.solve(step, pdyn.QuasiDEER(), y0, xs, 2.0, **kwargs)
+    assert np.all(np.isnan(sol.value))
+
+    term = dfx.ODETerm(lambda t, y, args: jnp.stack([y[1], -args * jnp.sin(y[0])]))
+    kwargs = dict(parallel=pdyn.QuasiDEER(), max_steps=1, saveat=dfx.SaveAt(steps=True))
+    failed = pdyn.diffeqsolve(
+        term, dfx.Heun(), 0.0, 3.0, 0.05, jnp.array([1.0, 0.0]), 2.0, throw=False,
+        **kwargs,
+    )  # fmt: skip
+    assert failed.result == dfx.RESULTS.max_steps_reached
+    assert finite(failed.ys)
+    sol = pdyn.diffeqsolve(
+        term, dfx.Heun(), 0.0, 3.0, 0.05, jnp.array([1.0, 0.0]), 2.0, **kwargs
+    )
+    assert np.all(np.isnan(sol.ys))
+    assert sol.result == failed.result

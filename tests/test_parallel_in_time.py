@@ -349,7 +349,7 @@ def test_implicit_step_from_a_non_finite_state_is_non_finite_and_does_not_raise(
     # A diverged iterate of a parallel solver reaches the step map; the derivative of
     # the implicit step's root find would raise on it (Lineax rejects non-finite
     # input), so the step is non-finite there without running the root finder.
-    from parallel_dynamics._diffrax import DiffraxStep
+    from parallel_dynamics import DiffraxStep
 
     step = DiffraxStep(TERM, dfx.ImplicitEuler(root_finder=_ROOT_FINDER))
     x = (jnp.array(0.0), jnp.array(0.02), ())
