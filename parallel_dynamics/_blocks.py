@@ -2,17 +2,20 @@
 
 A linear recurrence $v_t = A_t v_{t-1} + b_t$ over a time axis is determined by its
 blocks $A_1, \\dots, A_T$. Each class here stores all $T$ blocks with one structure
-(dense, diagonal, $k \\times k$ block-diagonal, identity, zero) and knows the three
+(dense, diagonal, $k \\times k$ block-diagonal, identity, zero) and knows the
 operations every algorithm needs: apply the blocks to a vector, compose two sets of
-blocks (the associative operation of a parallel scan) and transpose them. Every method
-works on any number of leading batch axes, so the same code serves a sequential
-`lax.scan` (one block at a time), `lax.associative_scan` (sliced and recombined
-blocks) and chunked scans (blocks reshaped into chunks).
+blocks (the associative operation of a parallel scan), transpose them, and give the
+Kalman smoother its elements. Every method works on any number of leading batch axes,
+so the same code serves a sequential `lax.scan` (one block at a time),
+`lax.associative_scan` (sliced and recombined blocks), chunked and sharded scans
+(blocks reshaped into chunks). The scans and smoothers call these methods and never
+test the type of the blocks, so a new structure works everywhere.
 """
 
 import abc
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -24,6 +27,12 @@ class AbstractBlocks(eqx.Module):
 
     The leading axis (or axes) of every array is the time (batch) axis; the trailing
     axes hold one block. A vector is an array of shape `(..., D)`.
+
+    A new structure implements `apply`, `compose`, `transpose` and `as_matrices`;
+    with these it works with every scan (parallel, sequential, chunked, sharded) and,
+    through its dense matrices, with the Kalman smoother and filter. Overriding
+    `identity_like`, `closed_form` and `kalman_blocks` makes those faster for the
+    structure.
     """
 
     @abc.abstractmethod
@@ -45,6 +54,45 @@ class AbstractBlocks(eqx.Module):
     def conj(self) -> "AbstractBlocks":
         """Returns the complex conjugate blocks."""
         return jtu.tree_map(jnp.conj, self)
+
+    def mask(self, keep: Bool[Array, " T"]) -> "AbstractBlocks":
+        """Returns the blocks with $A_t = 0$ wherever `keep[t]` is false. The default
+        zeroes every array at those steps: right for a structure whose zero block
+        has all-zero arrays."""
+
+        def _mask(leaf):
+            shape = keep.shape + (1,) * (leaf.ndim - 1)
+            return jnp.where(keep.reshape(shape), leaf, 0)
+
+        return jtu.tree_map(_mask, self)
+
+    def identity_like(self) -> "AbstractBlocks | None":
+        """Returns identity blocks with the structure and the batch shape of these,
+        the neutral element of `compose`, or `None` (the default) if the structure
+        cannot hold the identity. The chunked and sharded scans start their
+        compositions from it; without it they start from the first block."""
+        return None
+
+    def closed_form(
+        self, offsets: Inexact[Array, "T D"], *, reverse: bool
+    ) -> Inexact[Array, "T D"] | None:
+        """Returns the solution of $v_t = A_t v_{t-1} + b_t$ (or, if `reverse`, of
+        $v_t = A_t v_{t+1} + b_t$) when the structure gives it without a scan, or
+        `None` (the default). A structure with a closed form must be its own
+        composition (`compose` returns it unchanged), as identity and zero blocks are:
+        a sharded scan then summarises a chunk of it by the blocks themselves."""
+        del offsets, reverse
+        return None
+
+    def kalman_blocks(self):
+        """Returns the blocks as the transitions of the Kalman smoother and filter
+        ([`parallel_dynamics.KalmanSmoother`][]), which build their elements from
+        them. The default is dense $D \\times D$ transitions from `as_matrices`:
+        $O(T D^3)$ work."""
+        # Imported here: the Kalman smoothers themselves build blocks.
+        from ._linear_solver.kalman import DenseKalmanBlocks
+
+        return DenseKalmanBlocks(self.as_matrices())
 
 
 class DenseBlocks(AbstractBlocks):
@@ -69,6 +117,15 @@ class DenseBlocks(AbstractBlocks):
     def as_matrices(self):
         return self.matrices
 
+    def identity_like(self):
+        eye = jnp.eye(self.matrices.shape[-1], dtype=self.matrices.dtype)
+        return DenseBlocks(jnp.broadcast_to(eye, self.matrices.shape))
+
+    def kalman_blocks(self):
+        from ._linear_solver.kalman import DenseKalmanBlocks
+
+        return DenseKalmanBlocks(self.matrices)
+
 
 class DiagonalBlocks(AbstractBlocks):
     """Diagonal blocks $A_t = \\operatorname{diag}(a_t)$: quasi-Newton / quasi-DEER.
@@ -90,6 +147,14 @@ class DiagonalBlocks(AbstractBlocks):
     def as_matrices(self):
         size = self.diagonal.shape[-1]
         return self.diagonal[..., None] * jnp.eye(size, dtype=self.diagonal.dtype)
+
+    def identity_like(self):
+        return DiagonalBlocks(jnp.ones_like(self.diagonal))
+
+    def kalman_blocks(self):
+        from ._linear_solver.kalman import DiagonalKalmanBlocks
+
+        return DiagonalKalmanBlocks(self.diagonal)
 
 
 class BlockDiagonalBlocks(AbstractBlocks):
@@ -121,6 +186,15 @@ class BlockDiagonalBlocks(AbstractBlocks):
         dense = jnp.einsum("...bij,bc->...bicj", self.blocks, eye)
         return dense.reshape(self.blocks.shape[:-3] + (nb * k, nb * k))
 
+    def identity_like(self):
+        eye = jnp.eye(self.blocks.shape[-1], dtype=self.blocks.dtype)
+        return BlockDiagonalBlocks(jnp.broadcast_to(eye, self.blocks.shape))
+
+    def kalman_blocks(self):
+        from ._linear_solver.kalman import BlockDiagonalKalmanBlocks
+
+        return BlockDiagonalKalmanBlocks(self.blocks)
+
 
 class IdentityBlocks(AbstractBlocks):
     """$A_t = I$ for every $t$: Picard iteration. Stores no arrays; a scan over these
@@ -144,6 +218,21 @@ class IdentityBlocks(AbstractBlocks):
         eye = jnp.eye(self.size, dtype=self.dtype)
         return jnp.broadcast_to(eye, (self.length, self.size, self.size))
 
+    def mask(self, keep):
+        diagonal = jnp.ones((self.length, self.size), self.dtype)
+        return DiagonalBlocks(jnp.where(keep[:, None], diagonal, 0))
+
+    def identity_like(self):
+        return self
+
+    def closed_form(self, offsets, *, reverse):
+        return lax.cumsum(offsets, axis=0, reverse=reverse)
+
+    def kalman_blocks(self):
+        from ._linear_solver.kalman import DiagonalKalmanBlocks
+
+        return DiagonalKalmanBlocks(jnp.ones((self.length, self.size), self.dtype))
+
 
 class ZeroBlocks(AbstractBlocks):
     """$A_t = 0$ for every $t$: Jacobi (plain fixed-point) iteration. Stores no arrays;
@@ -165,6 +254,19 @@ class ZeroBlocks(AbstractBlocks):
 
     def as_matrices(self):
         return jnp.zeros((self.length, self.size, self.size), self.dtype)
+
+    def mask(self, keep):
+        del keep
+        return self
+
+    def closed_form(self, offsets, *, reverse):
+        del reverse
+        return offsets
+
+    def kalman_blocks(self):
+        from ._linear_solver.kalman import DiagonalKalmanBlocks
+
+        return DiagonalKalmanBlocks(jnp.zeros((self.length, self.size), self.dtype))
 
 
 def _as(blocks: AbstractBlocks) -> Array:
@@ -188,14 +290,4 @@ def map_time(fn, blocks: AbstractBlocks) -> AbstractBlocks:
 
 def mask_time(blocks: AbstractBlocks, keep: Bool[Array, " T"]) -> AbstractBlocks:
     """Sets $A_t = 0$ wherever `keep[t]` is false, decoupling $t$ from $t - 1$."""
-    if isinstance(blocks, ZeroBlocks):
-        return blocks
-    if isinstance(blocks, IdentityBlocks):
-        diagonal = jnp.ones((blocks.length, blocks.size), blocks.dtype)
-        return DiagonalBlocks(jnp.where(keep[:, None], diagonal, 0))
-
-    def _mask(leaf):
-        shape = keep.shape + (1,) * (leaf.ndim - 1)
-        return jnp.where(keep.reshape(shape), leaf, 0)
-
-    return jtu.tree_map(_mask, blocks)
+    return blocks.mask(keep)

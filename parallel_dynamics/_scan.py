@@ -28,15 +28,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Inexact
 
-from ._blocks import (
-    AbstractBlocks,
-    BlockDiagonalBlocks,
-    DenseBlocks,
-    DiagonalBlocks,
-    IdentityBlocks,
-    map_time,
-    ZeroBlocks,
-)
+from ._blocks import AbstractBlocks, map_time
 
 
 def on_cpu() -> bool:
@@ -56,20 +48,12 @@ def _combine(earlier, later):
     return blocks, offsets
 
 
-def _trivial(blocks: AbstractBlocks, offsets: Array, reverse: bool) -> Array | None:
-    if isinstance(blocks, ZeroBlocks):
-        return offsets
-    if isinstance(blocks, IdentityBlocks):
-        return lax.cumsum(offsets, axis=0, reverse=reverse)
-    return None
-
-
 def parallel_scan(
     blocks: AbstractBlocks, offsets: Inexact[Array, "T D"], *, reverse: bool = False
 ) -> Inexact[Array, "T D"]:
     """Solves the recurrence with `jax.lax.associative_scan`: $O(\\log T)$ depth,
     $O(T)$ block compositions."""
-    out = _trivial(blocks, offsets, reverse)
+    out = blocks.closed_form(offsets, reverse=reverse)
     if out is not None:
         return out
     if reverse:
@@ -82,7 +66,7 @@ def sequential_scan(
     blocks: AbstractBlocks, offsets: Inexact[Array, "T D"], *, reverse: bool = False
 ) -> Inexact[Array, "T D"]:
     """Solves the recurrence with `jax.lax.scan`: $O(T)$ depth, the least work."""
-    out = _trivial(blocks, offsets, reverse)
+    out = blocks.closed_form(offsets, reverse=reverse)
     if out is not None:
         return out
 
@@ -94,6 +78,43 @@ def sequential_scan(
     init = jnp.zeros(offsets.shape[1:], offsets.dtype)
     _, out = lax.scan(body, init, (blocks, offsets), reverse=reverse)
     return out
+
+
+def _summarise_step(carry, block_and_offset):
+    state, product = carry
+    block, offset = block_and_offset
+    return (block.apply(state) + offset, block.compose(product)), None
+
+
+def summarise(
+    blocks: AbstractBlocks,
+    offsets: Inexact[Array, "T *batch D"],
+    *,
+    reverse: bool = False,
+    unroll: int = 1,
+) -> tuple[AbstractBlocks, Inexact[Array, "*batch D"]]:
+    """The recurrence along axis 0 as one affine map $v \\mapsto P v + e$, by one
+    `lax.scan` that runs it from zero and composes the blocks as it goes (nothing is
+    stored per step). The axes after the first are batch axes.
+
+    **Returns:**
+
+    The pair $(P, e)$: the composed blocks $P$ and the end state $e$.
+    """
+    identity = map_time(lambda x: x[0], blocks).identity_like()
+    if identity is None:
+        # A structure without an identity block: start from the first block.
+        i = -1 if reverse else 0
+        rest = slice(None, -1) if reverse else slice(1, None)
+        init = (offsets[i], map_time(lambda x: x[i], blocks))
+        xs = (map_time(lambda x: x[rest], blocks), offsets[rest])
+    else:
+        init = (jnp.zeros_like(offsets[0]), identity)
+        xs = (blocks, offsets)
+    (end, product), _ = lax.scan(
+        _summarise_step, init, xs, reverse=reverse, unroll=unroll
+    )
+    return product, end
 
 
 def default_chunk_size(length: int, blocks: AbstractBlocks | None = None) -> int:
@@ -131,22 +152,6 @@ def default_chunk_size(length: int, blocks: AbstractBlocks | None = None) -> int
     if on_cpu():
         return max(1, math.isqrt(length))
     return min(_ACCELERATOR_CHUNK_SIZE, length)
-
-
-def _identity_like(blocks: AbstractBlocks) -> AbstractBlocks | None:
-    """Identity blocks with the structure and batch shape of `blocks`, or `None` for a
-    structure not known here."""
-    if isinstance(blocks, DiagonalBlocks):
-        return DiagonalBlocks(jnp.ones_like(blocks.diagonal))
-    if isinstance(blocks, DenseBlocks):
-        size = blocks.matrices.shape[-1]
-        eye = jnp.eye(size, dtype=blocks.matrices.dtype)
-        return DenseBlocks(jnp.broadcast_to(eye, blocks.matrices.shape))
-    if isinstance(blocks, BlockDiagonalBlocks):
-        k = blocks.blocks.shape[-1]
-        eye = jnp.eye(k, dtype=blocks.blocks.dtype)
-        return BlockDiagonalBlocks(jnp.broadcast_to(eye, blocks.blocks.shape))
-    return None
 
 
 _ACCELERATOR_CHUNK_SIZE = 8
@@ -240,14 +245,13 @@ def chunked_scan(
         v = pdyn.internal.chunked_scan(blocks, jnp.ones((1000, 4)), chunk_size=32)
         ```
     """
-    out = _trivial(blocks, offsets, reverse)
+    out = blocks.closed_form(offsets, reverse=reverse)
     if out is not None:
         return out
-    length, size = offsets.shape
+    length = offsets.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(length, blocks)
     chunk_size = max(1, min(int(chunk_size), length))
-    num_chunks = -(-length // chunk_size)
     unroll = 1 if on_cpu() else max(1, min(_UNROLL, chunk_size))
 
     # Zero blocks and offsets appended at the end: the padded steps come after step T
@@ -259,24 +263,10 @@ def chunked_scan(
     chunk_blocks = map_time(chunks, blocks)
     chunk_offsets = chunks(offsets)
 
-    # 1. Chunk summaries: the end state from zero and the composed blocks, carried
-    # through the sweep and never stored per step.
-    def summarise(carry, block_and_offset):
-        local, product = carry
-        block, offset = block_and_offset
-        return (block.apply(local) + offset, block.compose(product)), None
-
-    identity = _identity_like(map_time(lambda x: x[0], chunk_blocks))
-    if identity is None:
-        # An unknown block structure: start from the first block of every chunk.
-        i = -1 if reverse else 0
-        rest = slice(None, -1) if reverse else slice(1, None)
-        init = (chunk_offsets[i], map_time(lambda x: x[i], chunk_blocks))
-        xs = (map_time(lambda x: x[rest], chunk_blocks), chunk_offsets[rest])
-    else:
-        init = (jnp.zeros((num_chunks, size), offsets.dtype), identity)
-        xs = (chunk_blocks, chunk_offsets)
-    (ends, products), _ = lax.scan(summarise, init, xs, reverse=reverse, unroll=unroll)
+    # 1. Chunk summaries, all chunks at once.
+    products, ends = summarise(
+        chunk_blocks, chunk_offsets, reverse=reverse, unroll=unroll
+    )
     # 2. The state leaving every chunk, by a parallel scan over the summaries; the
     # state entering a chunk is the one leaving its predecessor.
     _, chunk_ends = lax.associative_scan(_combine, (products, ends), reverse=reverse)

@@ -87,13 +87,17 @@ All functions are pure, are jitted, work with `jax.vmap` and autodifferentiation
 preserve the floating point dtype of their inputs.
 """
 
+import abc
 import functools
+from typing import ClassVar, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Inexact
 
+from .._blocks import AbstractBlocks, BlockDiagonalBlocks, DenseBlocks, DiagonalBlocks
 from .._scan import inclusive_scan
 
 
@@ -168,33 +172,70 @@ def _check_radix(radix, name):
 # The parallel scans carry each element as a single packed array, rather than a tuple:
 # `lax.associative_scan` slices, pads and interleaves every leaf at every level, and
 # with one leaf instead of five the compiled program is several times smaller (and
-# compiles several times faster on CPU).
-#
-# Dense filtering elements are packed as `[A | C | b | J | eta]`, shape (D, 3D + 2);
-# dense smoothing elements as the affine map `[E | g]`, shape (D, D + 1). The order lets
-# the combination below work on contiguous column blocks, with five matrix products.
+# compiles several times faster on CPU). The element types below name the parts and
+# are the only place that knows how they are packed.
 
 
-def _dense_pack(A, C, b, J, eta):
-    return jnp.concatenate([A, C, b[:, None], J, eta[:, None]], axis=1)
+class DenseFilterElement(NamedTuple):
+    """A dense filtering element $(\\bar A, C, \\bar b, J, \\eta)$ (see the module
+    documentation), with any leading batch axes. After the prefix scan, `b` and `C`
+    are the filtering mean and covariance."""
+
+    A: Inexact[Array, "*batch D D"]
+    C: Inexact[Array, "*batch D D"]
+    b: Inexact[Array, "*batch D"]
+    J: Inexact[Array, "*batch D D"]
+    eta: Inexact[Array, "*batch D"]
+
+    def pack(self) -> Inexact[Array, "*batch D 3*D+2"]:
+        """`[A | C | b | J | eta]`, shape `(..., D, 3D + 2)`."""
+        parts = (self.A, self.C, self.b[..., None], self.J, self.eta[..., None])
+        return jnp.concatenate(parts, axis=-1)
+
+    @classmethod
+    def unpack(cls, packed: Inexact[Array, "*batch D 3*D+2"]) -> "DenseFilterElement":
+        D = packed.shape[-2]
+        A, C, b, J, eta = jnp.split(packed, [D, 2 * D, 2 * D + 1, 3 * D + 1], axis=-1)
+        return cls(A, C, b[..., 0], J, eta[..., 0])
+
+    @classmethod
+    def identity(cls, size: int, dtype) -> "DenseFilterElement":
+        """The neutral element of `_dense_filter_combine`."""
+        zeros = jnp.zeros((size, size), dtype)
+        vector = jnp.zeros((size,), dtype)
+        return cls(jnp.eye(size, dtype=dtype), zeros, vector, zeros, vector)
 
 
-def _dense_unpack(elem):
-    D = elem.shape[0]
-    A, C, b, J, eta = jnp.split(elem, [D, 2 * D, 2 * D + 1, 3 * D + 1], axis=1)
-    return A, C, b[:, 0], J, eta[:, 0]
+class DenseSmootherElement(NamedTuple):
+    """A dense smoothing element, the affine map $x_t = E_t x_{t+1} + g_t$, with any
+    leading batch axes."""
+
+    E: Inexact[Array, "*batch D D"]
+    g: Inexact[Array, "*batch D"]
+
+    def pack(self) -> Inexact[Array, "*batch D D+1"]:
+        """`[E | g]`, shape `(..., D, D + 1)`: the matrix of the affine map."""
+        return jnp.concatenate([self.E, self.g[..., None]], axis=-1)
+
+    @classmethod
+    def unpack(cls, packed: Inexact[Array, "*batch D D+1"]) -> "DenseSmootherElement":
+        return cls(packed[..., :-1], packed[..., -1])
+
+    @classmethod
+    def identity(cls, size: int, dtype) -> "DenseSmootherElement":
+        return cls(jnp.eye(size, dtype=dtype), jnp.zeros((size,), dtype))
 
 
 def _dense_filter_element(A, b, obs, lam):
     delta, gamma = _weights(lam)
     eye = jnp.eye(A.shape[-1], dtype=A.dtype)
-    return _dense_pack(
+    return DenseFilterElement(
         delta * A,
         delta * eye,
         delta * b + gamma * obs,
         gamma * (A.T @ A),
         gamma * (A.T @ (obs - b)),
-    )
+    ).pack()
 
 
 def _eliminate(ab: Array, k, rows: Array) -> Array:
@@ -280,29 +321,30 @@ def _fused_matmul(a: Array, b: Array) -> Array:
 
 
 def _dense_filter_combine(earlier, later, solve=jnp.linalg.solve):
-    D = earlier.shape[0]
-    A_i, C_i, b_i, J_i, eta_i = _dense_unpack(earlier)
-    A_j, C_j, b_j, J_j, eta_j = _dense_unpack(later)
+    A_i, C_i, b_i, J_i, eta_i = DenseFilterElement.unpack(earlier)
+    A_j, C_j, b_j, J_j, eta_j = DenseFilterElement.unpack(later)
+    D = b_i.shape[0]
+    # The products below act on side-by-side matrices, five in all.
     # [C_i J_j | C_i eta_j]
-    CJ = C_i @ later[:, 2 * D + 1 :]
+    CJ = C_i @ jnp.concatenate([J_j, eta_j[:, None]], axis=1)
     # One solve with M = I + C_i J_j gives everything: the terms with
     # M^{-T} = (I + J_j C_i)^{-1} are transposes, A_i^T M^{-T} = (M^{-1} A_i)^T.
     M = jnp.eye(D, dtype=earlier.dtype) + CJ[:, :D]
     # [M^{-1} A_i | M^{-1} C_i | M^{-1} (b_i + C_i eta_j)]
-    MA = solve(M, earlier[:, : 2 * D + 1].at[:, 2 * D].add(CJ[:, D]))
+    MA = solve(M, jnp.concatenate([A_i, C_i, (b_i + CJ[:, D])[:, None]], axis=1))
     # [A_j M^{-1} A_i | A_j M^{-1} C_i | A_j M^{-1} (b_i + C_i eta_j)]
     AMA = A_j @ MA
     C = _symmetrise(AMA[:, D : 2 * D] @ A_j.T) + C_j
     b = AMA[:, 2 * D] + b_j
     # [J_j A_i | J_j b_i]
-    JA = J_j @ earlier[:, jnp.r_[0:D, 2 * D]]
+    JA = J_j @ jnp.concatenate([A_i, b_i[:, None]], axis=1)
     # [A_i^T M^{-T} J_j A_i | A_i^T M^{-T} (eta_j - J_j b_i)]
     AMJ = MA[:, :D].T @ jnp.concatenate(
         [JA[:, :D], (eta_j - JA[:, D])[:, None]], axis=1
     )
     J = _symmetrise(AMJ[:, :D]) + J_i
     eta = AMJ[:, D] + eta_i
-    return _dense_pack(AMA[:, :D], C, b, J, eta)
+    return DenseFilterElement(AMA[:, :D], C, b, J, eta).pack()
 
 
 def _dense_smoother_element(
@@ -319,9 +361,10 @@ def _dense_smoother_element(
 
 def _dense_smoother_combine(later, earlier):
     # With `reverse=True`, `lax.associative_scan` passes the element later in time
-    # first. Composes x_s = E_e x_m + g_e after x_m = E_l x_r + g_l.
-    out = earlier[:, :-1] @ later
-    return out.at[:, -1].add(earlier[:, -1])
+    # first. Composes x_s = E_e x_m + g_e after x_m = E_l x_r + g_l: the packed
+    # `later` is the matrix [E_l | g_l] of its map.
+    E, g = DenseSmootherElement.unpack(earlier)
+    return (E @ later).at[:, -1].add(g)
 
 
 @functools.partial(jax.jit, static_argnames=("radix", "smooth"))
@@ -374,22 +417,21 @@ def dense_smoother_parallel(
     b_eff = b.at[0].add(A[0] @ x0)
     elems = jax.vmap(_dense_filter_element)(A_eff, b_eff, obs, lam)
     D = A.shape[-1]
-    identity = (
-        jnp.zeros((D, 3 * D + 2), A.dtype).at[:, :D].set(jnp.eye(D, dtype=A.dtype))
-    )
+    identity = DenseFilterElement.identity(D, A.dtype).pack()
     elems = inclusive_scan(jax.vmap(_dense_filter_combine), elems, identity, radix)
-    _, P, m, _, _ = jax.vmap(_dense_unpack)(elems)
+    filtered = DenseFilterElement.unpack(elems)
+    m, P = filtered.b, filtered.C
     if not smooth:
         return m
     E, g = jax.vmap(_dense_smoother_element)(m[:-1], P[:-1], A[1:], b[1:])
-    elems = jnp.concatenate([E, g[..., None]], axis=-1)
-    last = jnp.concatenate([jnp.zeros_like(P[-1:]), m[-1:, :, None]], axis=-1)
-    elems = jnp.concatenate([elems, last])
-    identity = identity[:, : D + 1]
+    # The last element is x_T = m_T.
+    E = jnp.concatenate([E, jnp.zeros_like(P[-1:])])
+    elems = DenseSmootherElement(E, jnp.concatenate([g, m[-1:]])).pack()
+    identity = DenseSmootherElement.identity(D, A.dtype).pack()
     elems = inclusive_scan(
         jax.vmap(_dense_smoother_combine), elems, identity, radix, reverse=True
     )
-    return elems[:, :, -1]
+    return DenseSmootherElement.unpack(elems).g
 
 
 @functools.partial(jax.jit, static_argnames="smooth")
@@ -480,25 +522,65 @@ def dense_smoother_sequential(
 #
 
 
-# Diagonal elements are packed along axis 1: filtering elements as
-# `[a, c, j, b, eta]`, shape (T, 5, D); smoothing elements as `[e, g]`, shape (T, 2, D).
+class DiagonalFilterElement(NamedTuple):
+    """A diagonal filtering element: the diagonals $(a, c, j, b, \\eta)$ of
+    $(\\bar A, C, J, \\bar b, \\eta)$, each of shape `(..., D)`. After the prefix
+    scan, `b` and `c` are the filtering means and variances."""
+
+    a: Inexact[Array, "*batch D"]
+    c: Inexact[Array, "*batch D"]
+    j: Inexact[Array, "*batch D"]
+    b: Inexact[Array, "*batch D"]
+    eta: Inexact[Array, "*batch D"]
+
+    def pack(self) -> Inexact[Array, "*batch 5 D"]:
+        """`[a, c, j, b, eta]` stacked, shape `(..., 5, D)`."""
+        return jnp.stack(self, axis=-2)
+
+    @classmethod
+    def unpack(cls, packed: Inexact[Array, "*batch 5 D"]) -> "DiagonalFilterElement":
+        return cls(*(packed[..., k, :] for k in range(5)))
+
+    @classmethod
+    def identity(cls, size: int, dtype) -> "DiagonalFilterElement":
+        """The neutral element of `_diagonal_filter_combine`."""
+        zeros = jnp.zeros((size,), dtype)
+        return cls(jnp.ones((size,), dtype), zeros, zeros, zeros, zeros)
+
+
+class DiagonalSmootherElement(NamedTuple):
+    """A diagonal smoothing element, the map $x_t = e_t \\odot x_{t+1} + g_t$."""
+
+    e: Inexact[Array, "*batch D"]
+    g: Inexact[Array, "*batch D"]
+
+    def pack(self) -> Inexact[Array, "*batch 2 D"]:
+        """`[e, g]` stacked, shape `(..., 2, D)`."""
+        return jnp.stack(self, axis=-2)
+
+    @classmethod
+    def unpack(cls, packed: Inexact[Array, "*batch 2 D"]) -> "DiagonalSmootherElement":
+        return cls(packed[..., 0, :], packed[..., 1, :])
+
+    @classmethod
+    def identity(cls, size: int, dtype) -> "DiagonalSmootherElement":
+        return cls(jnp.ones((size,), dtype), jnp.zeros((size,), dtype))
 
 
 def _diagonal_filter_element(a, b, obs, lam):
     delta, gamma = _weights(lam)
-    components = (
+    return DiagonalFilterElement(
         delta * a,
         jnp.broadcast_to(delta, a.shape),
         gamma * a * a,
         delta * b + gamma * obs,
         gamma * a * (obs - b),
-    )
-    return jnp.stack(components, axis=1)
+    ).pack()
 
 
 def _diagonal_filter_combine(earlier, later):
-    a_i, c_i, j_i, b_i, eta_i = (earlier[:, k] for k in range(5))
-    a_j, c_j, j_j, b_j, eta_j = (later[:, k] for k in range(5))
+    a_i, c_i, j_i, b_i, eta_i = DiagonalFilterElement.unpack(earlier)
+    a_j, c_j, j_j, b_j, eta_j = DiagonalFilterElement.unpack(later)
     # s = 1 / (1 + c_i j_j) is the scalar M^{-1}. c and j are nonnegative, so nothing
     # below cancels except through the data.
     s = 1 / (1 + c_i * j_j)
@@ -507,7 +589,7 @@ def _diagonal_filter_combine(earlier, later):
     j = a_i * a_i * s * j_j + j_i
     b = a_j * s * (b_i + c_i * eta_j) + b_j
     eta = a_i * s * (eta_j - j_j * b_i) + eta_i
-    return jnp.stack((a, c, j, b, eta), axis=1)
+    return DiagonalFilterElement(a, c, j, b, eta).pack()
 
 
 def _diagonal_smoother_element(m, p, a_next, b_next):
@@ -517,9 +599,9 @@ def _diagonal_smoother_element(m, p, a_next, b_next):
 
 
 def _diagonal_smoother_combine(later, earlier):
-    e_l, g_l = later[:, 0], later[:, 1]
-    e_e, g_e = earlier[:, 0], earlier[:, 1]
-    return jnp.stack((e_e * e_l, e_e * g_l + g_e), axis=1)
+    e_l, g_l = DiagonalSmootherElement.unpack(later)
+    e_e, g_e = DiagonalSmootherElement.unpack(earlier)
+    return DiagonalSmootherElement(e_e * e_l, e_e * g_l + g_e).pack()
 
 
 @functools.partial(jax.jit, static_argnames=("radix", "smooth"))
@@ -567,19 +649,22 @@ def diagonal_smoother_parallel(
     a_eff = a.at[0].set(0)
     b_eff = b.at[0].add(a[0] * x0)
     elems = _diagonal_filter_element(a_eff, b_eff, obs, lam)
-    identity = jnp.zeros((5,) + a.shape[1:], a.dtype).at[0].set(1)
+    D = a.shape[-1]
+    identity = DiagonalFilterElement.identity(D, a.dtype).pack()
     elems = inclusive_scan(_diagonal_filter_combine, elems, identity, radix)
-    m, p = elems[:, 3], elems[:, 1]
+    filtered = DiagonalFilterElement.unpack(elems)
+    m, p = filtered.b, filtered.c
     if not smooth:
         return m
     e, g = _diagonal_smoother_element(m[:-1], p[:-1], a[1:], b[1:])
-    elems = jnp.concatenate(
-        [jnp.stack((e, g), axis=1), jnp.stack((jnp.zeros_like(m[-1:]), m[-1:]), 1)]
-    )
+    # The last element is x_T = m_T.
+    e = jnp.concatenate([e, jnp.zeros_like(m[-1:])])
+    elems = DiagonalSmootherElement(e, jnp.concatenate([g, m[-1:]])).pack()
+    identity = DiagonalSmootherElement.identity(D, a.dtype).pack()
     elems = inclusive_scan(
-        _diagonal_smoother_combine, elems, identity[:2], radix, reverse=True
+        _diagonal_smoother_combine, elems, identity, radix, reverse=True
     )
-    return elems[:, 1]
+    return DiagonalSmootherElement.unpack(elems).g
 
 
 @functools.partial(jax.jit, static_argnames="smooth")
@@ -751,3 +836,226 @@ def block_diagonal_smoother_sequential(
         obs,
         lam,
     )
+
+
+#
+# The smoothers by block structure
+#
+
+
+def _smooth(
+    parallel_fn,
+    sequential_fn,
+    transitions,
+    offsets,
+    observations,
+    damping,
+    *,
+    parallel,
+    smooth,
+    radix,
+):
+    x0 = jnp.zeros(offsets.shape[1:], offsets.dtype)
+    if parallel:
+        fn = functools.partial(parallel_fn, radix=radix)
+    else:
+        fn = sequential_fn
+    return fn(transitions, offsets, x0, observations, damping, smooth=smooth)
+
+
+def _per_component(damping):
+    """One damping per step, shape `(T,)`, as `(T, 1)` to broadcast over components or
+    blocks; a scalar as it is."""
+    return damping[:, None] if jnp.ndim(damping) == 1 else damping
+
+
+# The sharded smoother runs its pieces inside `jax.shard_map`, where the dense solves
+# avoid LAPACK (see `_gauss_jordan_solve`).
+_sharded_dense_combine = functools.partial(
+    _dense_filter_combine, solve=_gauss_jordan_solve
+)
+_sharded_dense_smoother_element = functools.partial(
+    _dense_smoother_element, solve=_gauss_jordan_solve
+)
+
+
+class AbstractKalmanBlocks(eqx.Module):
+    """The transitions $A_t$ of the Kalman smoother and filter, in the form that their
+    elements use; [`parallel_dynamics.AbstractBlocks.kalman_blocks`][] makes them.
+
+    `smooth` runs the whole smoother on one device. The other methods are the pieces
+    from which `parallel_dynamics.internal.sharded_kalman_smooth` assembles it across
+    devices: the filtering elements (packed arrays, see `DenseFilterElement` and
+    `DiagonalFilterElement`) with their combination and identity, the filtering means,
+    and the smoothing elements as the blocks of a reverse recurrence. Every array has
+    a leading time axis.
+    """
+
+    # Whether the elements hold matrices, combined at a cubic cost in their size: on a
+    # CPU the sequential passes are then the faster ones.
+    matrix_elements: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def smooth(
+        self,
+        offsets: Inexact[Array, "T D"],
+        observations: Inexact[Array, "T D"],
+        damping: Inexact[ArrayLike, "*#T"],
+        *,
+        parallel: bool,
+        smooth: bool,
+        radix: int | None,
+    ) -> Inexact[Array, "T D"]:
+        """The smoother means (filter means if not `smooth`) with $x_0 = 0$."""
+
+    @abc.abstractmethod
+    def filter_elements(self, offsets, observations, damping) -> Array:
+        """The packed filtering elements of every step (`damping` of shape `(T,)`)."""
+
+    @abc.abstractmethod
+    def combine(self, earlier: Array, later: Array) -> Array:
+        """Combines two packed filtering elements (no time axis), `earlier` first."""
+
+    @abc.abstractmethod
+    def filter_identity(self, dtype) -> Array:
+        """The packed neutral element of `combine`."""
+
+    @abc.abstractmethod
+    def filtered_means(self, elements: Array) -> Inexact[Array, "T D"]:
+        """The filtering means, from the prefixes of the filtering elements."""
+
+    @abc.abstractmethod
+    def smoothing(
+        self, elements: Array, offsets_next: Inexact[Array, "T D"]
+    ) -> tuple[AbstractBlocks, Inexact[Array, "T D"]]:
+        """The smoothing elements $x_t = E_t x_{t+1} + g_t$ as blocks and offsets, from
+        the filtering prefixes `elements` at $t$, these transitions being $A_{t+1}$ and
+        `offsets_next` being $b_{t+1}$."""
+
+
+class DenseKalmanBlocks(AbstractKalmanBlocks):
+    """Dense $D \\times D$ transitions: the $D$-dimensional smoother (ELK)."""
+
+    transitions: Inexact[Array, "T D D"]
+    matrix_elements: ClassVar[bool] = True
+
+    def smooth(self, offsets, observations, damping, **kwargs):
+        return _smooth(
+            dense_smoother_parallel,
+            dense_smoother_sequential,
+            self.transitions,
+            offsets,
+            observations,
+            damping,
+            **kwargs,
+        )
+
+    def filter_elements(self, offsets, observations, damping):
+        return jax.vmap(_dense_filter_element)(
+            self.transitions, offsets, observations, damping
+        )
+
+    def combine(self, earlier, later):
+        return _sharded_dense_combine(earlier, later)
+
+    def filter_identity(self, dtype):
+        return DenseFilterElement.identity(self.transitions.shape[-1], dtype).pack()
+
+    def filtered_means(self, elements):
+        return DenseFilterElement.unpack(elements).b
+
+    def smoothing(self, elements, offsets_next):
+        filtered = DenseFilterElement.unpack(elements)
+        gain, offset = jax.vmap(_sharded_dense_smoother_element)(
+            filtered.b, filtered.C, self.transitions, offsets_next
+        )
+        return DenseBlocks(gain), offset
+
+
+class BlockDiagonalKalmanBlocks(AbstractKalmanBlocks):
+    """Block-diagonal transitions with $k \\times k$ blocks: $D / k$ independent
+    $k$-dimensional smoothers."""
+
+    transitions: Inexact[Array, "T B k k"]
+    matrix_elements: ClassVar[bool] = True
+
+    def smooth(self, offsets, observations, damping, **kwargs):
+        return _smooth(
+            block_diagonal_smoother_parallel,
+            block_diagonal_smoother_sequential,
+            self.transitions,
+            offsets,
+            observations,
+            _per_component(damping),
+            **kwargs,
+        )
+
+    def _split(self, x):
+        return x.reshape(x.shape[:1] + self.transitions.shape[1:3])
+
+    def filter_elements(self, offsets, observations, damping):
+        return jax.vmap(jax.vmap(_dense_filter_element))(
+            self.transitions,
+            self._split(offsets),
+            self._split(observations),
+            jnp.broadcast_to(damping[:, None], self.transitions.shape[:2]),
+        )
+
+    def combine(self, earlier, later):
+        return jax.vmap(_sharded_dense_combine)(earlier, later)
+
+    def filter_identity(self, dtype):
+        num_blocks, k = self.transitions.shape[1:3]
+        one = DenseFilterElement.identity(k, dtype).pack()
+        return jnp.broadcast_to(one, (num_blocks,) + one.shape)
+
+    def filtered_means(self, elements):
+        means = DenseFilterElement.unpack(elements).b
+        return means.reshape(means.shape[0], -1)
+
+    def smoothing(self, elements, offsets_next):
+        filtered = DenseFilterElement.unpack(elements)
+        gain, offset = jax.vmap(jax.vmap(_sharded_dense_smoother_element))(
+            filtered.b, filtered.C, self.transitions, self._split(offsets_next)
+        )
+        return BlockDiagonalBlocks(gain), offset.reshape(offset.shape[0], -1)
+
+
+class DiagonalKalmanBlocks(AbstractKalmanBlocks):
+    """Diagonal transitions $A_t = \\operatorname{diag}(a_t)$: $D$ independent scalar
+    smoothers (quasi-ELK)."""
+
+    transitions: Inexact[Array, "T D"]
+    matrix_elements: ClassVar[bool] = False
+
+    def smooth(self, offsets, observations, damping, **kwargs):
+        return _smooth(
+            diagonal_smoother_parallel,
+            diagonal_smoother_sequential,
+            self.transitions,
+            offsets,
+            observations,
+            _per_component(damping),
+            **kwargs,
+        )
+
+    def filter_elements(self, offsets, observations, damping):
+        return _diagonal_filter_element(
+            self.transitions, offsets, observations, damping[:, None]
+        )
+
+    def combine(self, earlier, later):
+        return _diagonal_filter_combine(earlier, later)
+
+    def filter_identity(self, dtype):
+        return DiagonalFilterElement.identity(self.transitions.shape[-1], dtype).pack()
+
+    def filtered_means(self, elements):
+        return DiagonalFilterElement.unpack(elements).b
+
+    def smoothing(self, elements, offsets_next):
+        filtered = DiagonalFilterElement.unpack(elements)
+        gain, offset = _diagonal_smoother_element(
+            filtered.b, filtered.c, self.transitions, offsets_next
+        )
+        return DiagonalBlocks(gain), offset

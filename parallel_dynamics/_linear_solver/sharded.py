@@ -7,8 +7,6 @@ chunk as one affine map, the $P$ summaries are all-gathered and combined, and ea
 device reruns its chunk from its carry-in. Only the summaries cross devices.
 """
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.lax as lax
@@ -18,81 +16,46 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Inexact
 
 from .. import _scan
-from .._blocks import (
-    AbstractBlocks,
-    BlockDiagonalBlocks,
-    DenseBlocks,
-    DiagonalBlocks,
-    IdentityBlocks,
-    map_time,
-    ZeroBlocks,
-)
-from . import kalman as _kalman
+from .._blocks import AbstractBlocks, map_time
 from .scan import AbstractScanSolver, AutoScan, ParallelScan, SequentialScan
 
 
-def _identity(blocks: AbstractBlocks) -> AbstractBlocks:
-    """One identity block (no time axis) with the structure of `blocks`."""
-    if isinstance(blocks, DiagonalBlocks):
-        return DiagonalBlocks(jnp.ones_like(blocks.diagonal[0]))
-    if isinstance(blocks, DenseBlocks):
-        size = blocks.matrices.shape[-1]
-        return DenseBlocks(jnp.eye(size, dtype=blocks.matrices.dtype))
-    if isinstance(blocks, BlockDiagonalBlocks):
-        nb, k = blocks.blocks.shape[-3:-1]
-        eye = jnp.eye(k, dtype=blocks.blocks.dtype)
-        return BlockDiagonalBlocks(jnp.broadcast_to(eye, (nb, k, k)))
-    raise TypeError(
-        "A sharded scan supports dense, diagonal, block-diagonal, identity and zero "
-        f"blocks; got {type(blocks).__name__}."
-    )
-
-
-def _summarise_sequential(blocks, offsets, reverse):
-    """The chunk's affine map $v \\mapsto P v + e$ by one `lax.scan` that composes the
-    blocks as it runs the recurrence from zero (no per-step storage)."""
-
-    def body(carry, block_and_offset):
-        state, product = carry
-        block, offset = block_and_offset
-        return (block.apply(state) + offset, block.compose(product)), None
-
-    init = (jnp.zeros(offsets.shape[1:], offsets.dtype), _identity(blocks))
-    (end, product), _ = lax.scan(body, init, (blocks, offsets), reverse=reverse)
-    return product, end
+def _take(blocks: AbstractBlocks, index) -> AbstractBlocks:
+    return map_time(lambda x: x[index], blocks)
 
 
 def _summarise_tree(blocks, offsets, reverse):
-    """The chunk's affine map by a pairwise tree reduction: $O(\\log L)$ depth, $L$
-    compositions."""
+    """The chunk's affine map $v \\mapsto P v + e$ by a pairwise tree reduction:
+    $O(\\log L)$ depth, $L$ compositions."""
     while offsets.shape[0] > 1:
-        if offsets.shape[0] % 2:
-            # Append the identity element (I, 0): it composes to nothing.
-            one = map_time(lambda x: x[None], _identity(blocks))
-            blocks = jax.tree.map(
-                lambda x, y: jnp.concatenate([x, y], axis=0), blocks, one
-            )
-            offsets = jnp.concatenate([offsets, jnp.zeros_like(offsets[:1])], axis=0)
-        even_blocks = map_time(lambda x: x[0::2], blocks)
-        odd_blocks = map_time(lambda x: x[1::2], blocks)
-        even_offsets, odd_offsets = offsets[0::2], offsets[1::2]
+        # Neighbours are composed pairwise; an odd last step waits for the next level.
+        paired = offsets.shape[0] - offsets.shape[0] % 2
+        even, odd, left = slice(0, paired, 2), slice(1, paired, 2), slice(paired, None)
         if reverse:
             # v_s = A_s (A_{s+1} v + b_{s+1}) + b_s: the odd step acts first.
-            first_blocks, first_offsets = odd_blocks, odd_offsets
-            then_blocks, then_offsets = even_blocks, even_offsets
+            first, then = odd, even
         else:
-            first_blocks, first_offsets = even_blocks, even_offsets
-            then_blocks, then_offsets = odd_blocks, odd_offsets
-        blocks = then_blocks.compose(first_blocks)
-        offsets = then_blocks.apply(first_offsets) + then_offsets
-    return map_time(lambda x: x[0], blocks), offsets[0]
+            first, then = even, odd
+        then_blocks = _take(blocks, then)
+        composed = then_blocks.compose(_take(blocks, first))
+        composed_offsets = then_blocks.apply(offsets[first]) + offsets[then]
+        blocks = jax.tree.map(
+            lambda x, y: jnp.concatenate([x, y], axis=0),
+            composed,
+            _take(blocks, left),
+        )
+        offsets = jnp.concatenate([composed_offsets, offsets[left]], axis=0)
+    return _take(blocks, 0), offsets[0]
 
 
 def _summarise(blocks, offsets, reverse, sequential):
-    if isinstance(blocks, IdentityBlocks):
-        return blocks, jnp.sum(offsets, axis=0)
+    """The chunk's affine map $v \\mapsto P v + e$."""
+    solution = blocks.closed_form(offsets, reverse=reverse)
+    if solution is not None:
+        # Such a structure (identity, zero) is its own composition.
+        return blocks, solution[0 if reverse else -1]
     if sequential:
-        return _summarise_sequential(blocks, offsets, reverse)
+        return _scan.summarise(blocks, offsets, reverse=reverse)
     return _summarise_tree(blocks, offsets, reverse)
 
 
@@ -155,30 +118,21 @@ def shard_time(x, mesh: Mesh, axis_name: str = "time"):
     return jax.tree.map(_one, x)
 
 
-def _local_solve(local: AbstractScanSolver, blocks, offsets, reverse):
-    if isinstance(blocks, IdentityBlocks):
-        return lax.cumsum(offsets, axis=0, reverse=reverse)
-    return local._solve(blocks, offsets, reverse)
-
-
 def _sequential_summary(local: AbstractScanSolver) -> bool:
     if isinstance(local, SequentialScan):
         return True
     return isinstance(local, AutoScan) and _scan.on_cpu()
 
 
-def _scan_chunk(blocks, offsets, *, axis_name, num_devices, local, reverse, sequential):
+def _scan_chunk(blocks, offsets, *, axis_name, local, reverse, sequential):
     """Inside `jax.shard_map`: solves this device's chunk of the recurrence, given the
     chunks of the other devices along `axis_name` (summary, all-gather, carry-in)."""
     index = lax.axis_index(axis_name)
     size = offsets.shape[-1]
-    identity = isinstance(blocks, IdentityBlocks)
     product, end = _summarise(blocks, offsets, reverse, sequential)
     products, ends = lax.all_gather((product, end), axis_name)
     # The state leaving every device's chunk; P is small, so a sequential scan
     # over the gathered summaries is the cheapest way to combine them.
-    if identity:
-        products = IdentityBlocks(num_devices, size, offsets.dtype)
     leaving = _scan.sequential_scan(products, ends, reverse=reverse)
     zero = jnp.zeros((1, size), offsets.dtype)
     if reverse:
@@ -190,7 +144,7 @@ def _scan_chunk(blocks, offsets, *, axis_name, num_devices, local, reverse, sequ
     carry = entering[index]
     edge = map_time(lambda x: x[position], blocks)
     offsets = offsets.at[position].add(edge.apply(carry))
-    return _local_solve(local, blocks, offsets, reverse)
+    return local._solve(blocks, offsets, reverse)
 
 
 def sharded_scan(
@@ -250,15 +204,11 @@ def sharded_scan(
     """
     if successor and not reverse:
         raise ValueError("`successor=True` needs `reverse=True`.")
-    if isinstance(blocks, ZeroBlocks):
-        return offsets
     if successor:
         blocks = blocks.transpose()
-    length, size = offsets.shape
+    length = offsets.shape[0]
     num_devices = mesh.shape[axis_name]
     pad = (-length) % num_devices
-    local_length = (length + pad) // num_devices
-    identity = isinstance(blocks, IdentityBlocks)
 
     def _pad(x):
         if pad == 0:
@@ -266,14 +216,11 @@ def sharded_scan(
         return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
 
     offsets = _pad(offsets)
-    if identity:
-        blocks = IdentityBlocks(local_length, size, offsets.dtype)
-    else:
-        blocks = map_time(_pad, blocks)
+    blocks = map_time(_pad, blocks)
     sequential = _sequential_summary(local)
 
     def body(blocks, offsets):
-        if successor and not identity:
+        if successor:
             # Step t needs A_{t+1}: the last step of every chunk takes the first block
             # of the next device's chunk (the last device gets zeros, which only ever
             # multiply v_{T+1} = 0).
@@ -286,7 +233,6 @@ def sharded_scan(
             blocks,
             offsets,
             axis_name=axis_name,
-            num_devices=num_devices,
             local=local,
             reverse=reverse,
             sequential=sequential,
@@ -435,92 +381,6 @@ def check_mesh(mesh, axis_name: str) -> None:
 #
 
 
-# Inside `jax.shard_map` the dense solves avoid LAPACK: on XLA:CPU with emulated host
-# devices, batched LAPACK custom calls from concurrently running shards can deadlock
-# the shared intra-op thread pool (see `_kalman._gauss_jordan_solve`).
-_dense_combine = functools.partial(
-    _kalman._dense_filter_combine, solve=_kalman._gauss_jordan_solve
-)
-_dense_smoother_element = functools.partial(
-    _kalman._dense_smoother_element, solve=_kalman._gauss_jordan_solve
-)
-
-
-class _KalmanStructure(eqx.Module):
-    """The per-structure pieces of the sharded Kalman smoother: filtering elements,
-    their combination and identity, the filtering means and covariances, and the
-    smoothing elements as blocks of an affine (reverse) recurrence."""
-
-    kind: str = eqx.field(static=True)
-    size: int = eqx.field(static=True)
-    block: int = eqx.field(static=True, default=1)
-
-    def elements(self, trans, offsets, observations, damping):
-        if self.kind == "dense":
-            return jax.vmap(_kalman._dense_filter_element)(
-                trans, offsets, observations, damping
-            )
-        if self.kind == "diagonal":
-            return _kalman._diagonal_filter_element(
-                trans, offsets, observations, damping[:, None]
-            )
-        split = self._split
-        return jax.vmap(jax.vmap(_kalman._dense_filter_element))(
-            trans,
-            split(offsets),
-            split(observations),
-            jnp.broadcast_to(damping[:, None], trans.shape[:2]),
-        )
-
-    def combine(self, earlier, later):
-        if self.kind == "dense":
-            return _dense_combine(earlier, later)
-        if self.kind == "diagonal":
-            return _kalman._diagonal_filter_combine(earlier[None], later[None])[0]
-        return jax.vmap(_dense_combine)(earlier, later)
-
-    def identity(self, dtype):
-        if self.kind == "diagonal":
-            return jnp.zeros((5, self.size), dtype).at[0].set(1)
-        k = self.size if self.kind == "dense" else self.block
-        one = jnp.zeros((k, 3 * k + 2), dtype).at[:, :k].set(jnp.eye(k, dtype=dtype))
-        if self.kind == "dense":
-            return one
-        return jnp.broadcast_to(one, (self.size // k, k, 3 * k + 2))
-
-    def _split(self, x):
-        return x.reshape(x.shape[:1] + (self.size // self.block, self.block))
-
-    def smoothing(self, elements, trans_next, offsets_next):
-        """The smoothing elements $x_t = E_t x_{t+1} + g_t$ as (blocks, offsets)."""
-        if self.kind == "dense":
-            D = self.size
-            mean, cov = elements[:, :, 2 * D], elements[:, :, D : 2 * D]
-            gain, offset = jax.vmap(_dense_smoother_element)(
-                mean, cov, trans_next, offsets_next
-            )
-            return DenseBlocks(gain), offset
-        if self.kind == "diagonal":
-            mean, var = elements[:, 3], elements[:, 1]
-            gain, offset = _kalman._diagonal_smoother_element(
-                mean, var, trans_next, offsets_next
-            )
-            return DiagonalBlocks(gain), offset
-        k = self.block
-        mean, cov = elements[..., 2 * k], elements[..., k : 2 * k]
-        gain, offset = jax.vmap(jax.vmap(_dense_smoother_element))(
-            mean, cov, trans_next, self._split(offsets_next)
-        )
-        return BlockDiagonalBlocks(gain), offset.reshape(offset.shape[0], -1)
-
-    def means(self, elements):
-        if self.kind == "dense":
-            return elements[:, :, 2 * self.size]
-        if self.kind == "diagonal":
-            return elements[:, 3]
-        return elements[..., 2 * self.block].reshape(elements.shape[0], -1)
-
-
 def sharded_kalman_smooth(
     blocks: AbstractBlocks,
     offsets: Inexact[Array, "T D"],
@@ -559,29 +419,10 @@ def sharded_kalman_smooth(
     gain being zero) their smoothed means.
     """
     check_mesh(mesh, axis_name)
-    length, size = offsets.shape
+    length = offsets.shape[0]
     dtype = offsets.dtype
     damping = jnp.broadcast_to(jnp.asarray(damping, dtype), (length,))
-    if isinstance(blocks, DenseBlocks):
-        structure = _KalmanStructure("dense", size)
-        trans = blocks.matrices
-    elif isinstance(blocks, BlockDiagonalBlocks):
-        structure = _KalmanStructure("block", size, blocks.blocks.shape[-1])
-        trans = blocks.blocks
-    elif isinstance(blocks, DiagonalBlocks):
-        structure = _KalmanStructure("diagonal", size)
-        trans = blocks.diagonal
-    elif isinstance(blocks, IdentityBlocks):
-        structure = _KalmanStructure("diagonal", size)
-        trans = jnp.ones_like(offsets)
-    elif isinstance(blocks, ZeroBlocks):
-        structure = _KalmanStructure("diagonal", size)
-        trans = jnp.zeros_like(offsets)
-    else:
-        raise TypeError(
-            f"No Kalman smoother for blocks of type {type(blocks).__name__}."
-        )
-    trans = trans.astype(dtype)
+    transitions = jax.tree.map(lambda x: x.astype(dtype), blocks.kalman_blocks())
     num_devices = mesh.shape[axis_name]
     pad = (-length) % num_devices
 
@@ -590,7 +431,9 @@ def sharded_kalman_smooth(
             return x
         return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
 
-    trans, offsets, observations = map(_pad, (trans, offsets, observations))
+    transitions, offsets, observations = jax.tree.map(
+        _pad, (transitions, offsets, observations)
+    )
     damping = jnp.concatenate([damping, jnp.ones((pad,), dtype)]) if pad else damping
     if parallel is True:
         local = ParallelScan()
@@ -599,16 +442,16 @@ def sharded_kalman_smooth(
     else:
         local = AutoScan()
     sequential = _sequential_summary(local)
-    combine = structure.combine
-    identity = structure.identity(dtype)
 
-    def body(trans, offsets, observations, damping):
+    def body(transitions, offsets, observations, damping):
         index = lax.axis_index(axis_name)
+        combine = transitions.combine
+        identity = transitions.filter_identity(dtype)
         # The first step of the whole trajectory absorbs the known x_0 = 0.
-        first = jnp.where(index == 0, jnp.zeros_like(trans[0]), trans[0])
-        elements = structure.elements(
-            trans.at[0].set(first), offsets, observations, damping
+        first = jax.tree.map(
+            lambda x: x.at[0].set(jnp.where(index == 0, 0, x[0])), transitions
         )
+        elements = first.filter_elements(offsets, observations, damping)
         if parallel is False:
 
             def step(carry, element):
@@ -628,26 +471,25 @@ def sharded_kalman_smooth(
         _, entering = lax.scan(exclusive, identity, totals)
         elements = jax.vmap(combine, in_axes=(None, 0))(entering[index], elements)
         if not smooth:
-            return structure.means(elements)
+            return transitions.filtered_means(elements)
         # Step t's smoothing element needs A_{t+1} and b_{t+1}; the last device gets
         # zeros (a zero gain: x_T is its filtering mean).
         shift = [(p, p - 1) for p in range(1, num_devices)]
-        trans_next, offsets_next = (
-            jnp.concatenate([x[1:], lax.ppermute(x[:1], axis_name, shift)])
-            for x in (trans, offsets)
+        transitions_next, offsets_next = jax.tree.map(
+            lambda x: jnp.concatenate([x[1:], lax.ppermute(x[:1], axis_name, shift)]),
+            (transitions, offsets),
         )
-        gains, means = structure.smoothing(elements, trans_next, offsets_next)
+        gains, means = transitions_next.smoothing(elements, offsets_next)
         return _scan_chunk(
             gains,
             means,
             axis_name=axis_name,
-            num_devices=num_devices,
             local=local,
             reverse=True,
             sequential=sequential,
         )
 
-    inputs = shard_time((trans, offsets, observations, damping), mesh, axis_name)
+    inputs = shard_time((transitions, offsets, observations, damping), mesh, axis_name)
     spec = PartitionSpec(axis_name)
     out = jax.shard_map(
         body, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False

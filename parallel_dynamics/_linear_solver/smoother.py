@@ -1,4 +1,3 @@
-import functools as ft
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -8,23 +7,8 @@ import lineax as lx
 from jax.sharding import Mesh
 from jaxtyping import Array, Inexact, PyTree, Scalar
 
-from .._blocks import (
-    AbstractBlocks,
-    BlockDiagonalBlocks,
-    DenseBlocks,
-    DiagonalBlocks,
-    IdentityBlocks,
-    ZeroBlocks,
-)
+from .._blocks import AbstractBlocks
 from .._operator import DampedBidiagonalOperator
-from .kalman import (
-    block_diagonal_smoother_parallel,
-    block_diagonal_smoother_sequential,
-    dense_smoother_parallel,
-    dense_smoother_sequential,
-    diagonal_smoother_parallel,
-    diagonal_smoother_sequential,
-)
 from .scan import AutoScan, ParallelScan, SequentialScan
 from .sharded import check_mesh, sharded_kalman_smooth, ShardedScan
 
@@ -43,10 +27,12 @@ def kalman_smooth(
 ) -> Inexact[Array, "T D"]:
     """The smoother mean of $x_t = A_t x_{t-1} + b_t + w_t$ ($x_0 = 0$, unit noise),
     observed as $o_t = x_t + v_t$ with precision $\\lambda$ (a scalar, or one value per
-    step, shape `(T,)`), for any block structure:
+    step, shape `(T,)`), for any block structure, with the transitions that
+    [`parallel_dynamics.AbstractBlocks.kalman_blocks`][] gives:
     dense blocks use the $D$-dimensional smoother (ELK), diagonal (identity, zero)
-    blocks $D$ independent scalar smoothers (quasi-ELK), and block-diagonal blocks
-    independent $k$-dimensional smoothers. With `smooth=False`, the filtering means
+    blocks $D$ independent scalar smoothers (quasi-ELK), block-diagonal blocks
+    independent $k$-dimensional smoothers, and other structures by default the dense
+    smoother. With `smooth=False`, the filtering means
     $\\mathbb{E}[x_t \\mid o_{1:t}]$ instead. With a `mesh`, the time axis is sharded
     over its axis `axis_name` ([`parallel_dynamics.KalmanSmoother`][])."""
     if mesh is not None:
@@ -61,39 +47,9 @@ def kalman_smooth(
             smooth=smooth,
             radix=radix,
         )
-    x0 = jnp.zeros(offsets.shape[1:], offsets.dtype)
-    per_component = damping[:, None] if jnp.ndim(damping) == 1 else damping
-    if isinstance(blocks, DenseBlocks):
-        if parallel:
-            smoother = ft.partial(dense_smoother_parallel, radix=radix)
-        else:
-            smoother = dense_smoother_sequential
-        return smoother(
-            blocks.matrices, offsets, x0, observations, damping, smooth=smooth
-        )
-    if isinstance(blocks, BlockDiagonalBlocks):
-        if parallel:
-            smoother = ft.partial(block_diagonal_smoother_parallel, radix=radix)
-        else:
-            smoother = block_diagonal_smoother_sequential
-        return smoother(
-            blocks.blocks, offsets, x0, observations, per_component, smooth=smooth
-        )
-    if isinstance(blocks, DiagonalBlocks):
-        diagonal = blocks.diagonal
-    elif isinstance(blocks, IdentityBlocks):
-        diagonal = jnp.ones_like(offsets)
-    elif isinstance(blocks, ZeroBlocks):
-        diagonal = jnp.zeros_like(offsets)
-    else:
-        raise TypeError(
-            f"No Kalman smoother for blocks of type {type(blocks).__name__}."
-        )
-    if parallel:
-        smoother = ft.partial(diagonal_smoother_parallel, radix=radix)
-    else:
-        smoother = diagonal_smoother_sequential
-    return smoother(diagonal, offsets, x0, observations, per_component, smooth=smooth)
+    return blocks.kalman_blocks().smooth(
+        offsets, observations, damping, parallel=parallel, smooth=smooth, radix=radix
+    )
 
 
 class AbstractKalmanSolver(lx.AbstractLinearSolver):
@@ -136,8 +92,7 @@ class AbstractKalmanSolver(lx.AbstractLinearSolver):
             # As `AutoScan`: a CPU has little parallelism to exploit, and the parallel
             # dense elements cost O(D^3) per combination to save depth.
             on_cpu = jax.default_backend() == "cpu"
-            dense = isinstance(blocks, (DenseBlocks, BlockDiagonalBlocks))
-            parallel = not (on_cpu and dense)
+            parallel = not (on_cpu and blocks.kalman_blocks().matrix_elements)
         solution = kalman_smooth(
             blocks,
             residual,
