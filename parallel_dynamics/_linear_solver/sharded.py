@@ -184,8 +184,8 @@ def sharded_scan(
 
     **Arguments:**
 
-    - `blocks`: the blocks $A_1, \\dots, A_T$ (dense, diagonal, block-diagonal,
-        identity or zero).
+    - `blocks`: the blocks $A_1, \\dots, A_T$, of any structure (an
+        [`parallel_dynamics.AbstractBlocks`][]).
     - `offsets`: the `(T, D)` right-hand sides $b_t$.
     - `mesh`: a `jax.sharding.Mesh` with an axis named `axis_name`.
     - `axis_name`: the mesh axis that the time axis is sharded over.
