@@ -214,8 +214,22 @@ def test_stopping_verifies_with_undamped_steps():
 
 def test_stopping_at_the_rounding_floor_after_steps_without_progress():
     state = init_stopping(jnp.float64)
-    # A failed verification and damped steps that are all rejected.
-    done, state = _stop(state, newton=True, accepted=False)
+    # Verification steps above the rounding level do not count: they can be moving an
+    # error forward in time without changing the merit.
+    for _ in range(2 * FLOOR_STEPS):
+        done, state = _stop(state, newton=True, accepted=True, diffsize=jnp.array(2.0))
+        assert not bool(done)
+    assert int(state.floor_steps) == 0
+    # Unless the damping accepts every step, so that no rejection signals the floor.
+    counted = init_stopping(jnp.float64)
+    for i in range(FLOOR_STEPS):
+        done, counted = _stop(
+            counted, newton=True, diffsize=jnp.array(2.0), count_verifications=True
+        )
+        assert bool(done) == (i == FLOOR_STEPS - 1)
+    # A failed verification at the rounding level and damped steps that are all
+    # rejected.
+    done, state = _stop(state, newton=True, accepted=False, rounding=jnp.array(True))
     assert not bool(done)
     for i in range(1, FLOOR_STEPS):
         done, state = _stop(state, accepted=False, progress=False)

@@ -3,6 +3,7 @@ which trial steps it accepts, given the gain ratio $\\rho$ of the actual to the 
 decrease of $\\lVert F \\rVert^2$."""
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -12,7 +13,14 @@ from jaxtyping import Array, Bool, Scalar
 
 class AbstractDamping(eqx.Module):
     """How the Levenberg–Marquardt damping $\\lambda$ evolves and which steps are
-    accepted."""
+    accepted.
+
+    `accepts_every_step` says that the strategy never rejects a finite step, so
+    rejections cannot signal the rounding floor: the stopping test then counts every
+    step that does not improve the merit, verification steps included.
+    """
+
+    accepts_every_step: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, dtype) -> tuple[Scalar, Scalar]:
@@ -40,6 +48,8 @@ class FixedDamping(AbstractDamping):
             raise ValueError(
                 f"`damping` must be positive and finite, got {self.damping}."
             )
+
+    accepts_every_step: ClassVar[bool] = True
 
     def init(self, dtype):
         return jnp.array(self.damping, dtype), jnp.array(1.0, dtype)

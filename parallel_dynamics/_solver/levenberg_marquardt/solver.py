@@ -235,6 +235,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             diffsize=jnp.max(self.defect(y, update), initial=0),
             superlinear=self.superlinear,
             rounding=rounding,
+            count_verifications=self.damping.accepts_every_step,
         )
         window = self.window.update(state.window, length, accept, ratio, state.damping)
         result = optx.RESULTS.where(

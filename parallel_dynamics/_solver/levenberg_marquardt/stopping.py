@@ -59,6 +59,7 @@ def update_stopping(
     diffsize: Scalar,
     superlinear: bool,
     rounding: Bool[Array, ""],
+    count_verifications: bool = False,
 ) -> tuple[Bool[Array, ""], StoppingState]:
     """Whether the solve has converged after this step, and the next state.
 
@@ -81,8 +82,10 @@ def update_stopping(
     consecutive verification steps stop contracting at the rounding level). After
     `FLOOR_STEPS` steps in a row, with every defect below tolerance, that do not bring
     the merit `FLOOR_GAIN` below its best value since every defect went below
-    tolerance, every step satisfies the recurrence to tolerance, and that is what is
-    returned.
+    tolerance (verification steps count only where every defect is at the rounding
+    level, `rounding`, or with `count_verifications`, for a damping that accepts
+    every step), every step satisfies the recurrence to tolerance, and that is
+    what is returned.
     """
     newton_steps = jnp.where(newton & accepted, state.newton_steps + 1, 0)
     verified = (
@@ -104,7 +107,11 @@ def update_stopping(
         all_converged, jnp.minimum(state.best_merit, merit_before), state.best_merit
     )
     improved = merit_after < (1 - FLOOR_GAIN) * best_before
-    floor_steps = jnp.where(counting, jnp.where(improved, 0, state.floor_steps + 1), 0)
+    # A verification step counts only at the rounding level, or where no step is ever
+    # rejected: otherwise undamped steps that leave the merit unchanged can still be
+    # moving an error forward in time.
+    stalled = ~improved & (~newton | rounding | count_verifications)
+    floor_steps = jnp.where(counting, jnp.where(stalled, state.floor_steps + 1, 0), 0)
     best_merit = jnp.where(
         now_converged, jnp.minimum(best_before, merit_after), best_before
     )
