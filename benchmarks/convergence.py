@@ -107,22 +107,11 @@ def record(value, reference, iterations, result, suspect_above: float) -> dict:
 
 def jit_solve(step: Callable, solver, **kwargs) -> Callable:
     """`pdyn.solve` of `step` with `throw=False`, jitted, as
-    `solve(y0, inputs, args) -> (value, iterations, result)`."""
+    `solve(y0, inputs, args, init=None) -> (value, iterations, result)` (`init=None`:
+    the default initial guess)."""
 
     @eqx.filter_jit
-    def solve(y0, inputs, args):
-        sol = pdyn.solve(step, solver, y0, inputs, args, throw=False, **kwargs)
-        return sol.value, sol.stats["num_steps"], sol.result
-
-    return solve
-
-
-def jit_guessed_solve(step: Callable, solver, **kwargs) -> Callable:
-    """As `jit_solve`, from an initial guess: `solve(y0, inputs, args, init)`, with
-    `init=None` for the default guess."""
-
-    @eqx.filter_jit
-    def solve(y0, inputs, args, init):
+    def solve(y0, inputs, args, init=None):
         sol = pdyn.solve(
             step, solver, y0, inputs, args, init=init, throw=False, **kwargs
         )
@@ -483,7 +472,7 @@ def argru(quick: bool) -> dict:
         f"{ARGRU_TOLERANCE:g}, max_steps = {max_steps or 'default'} =="
     )
     solves = {
-        name: jit_guessed_solve(
+        name: jit_solve(
             argru_step, ARGRU_SOLVERS[name](ARGRU_TOLERANCE), max_steps=max_steps
         )
         for name in names
