@@ -36,6 +36,7 @@ from ._linear_solver import (
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
     ShardedScan as ShardedScan,
+    TimeSharding as TimeSharding,
 )
 from ._operator import (
     BlockBidiagonalOperator as BlockBidiagonalOperator,

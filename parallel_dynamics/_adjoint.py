@@ -6,22 +6,26 @@ import optimistix as optx
 from optimistix.internal import implicit_jvp
 
 from ._linear_solver.matrix_free import MatrixFreeScan
-from ._linear_solver.sharded import ShardedScan, time_mesh
+from ._linear_solver.sharded_scan import ShardedScan
+from ._solver import AbstractRecurrenceSolver
 
 
 def default_adjoint_solver(solver: optx.AbstractRootFinder) -> lx.AbstractLinearSolver:
     """The adjoint's linear solver when none is given:
     [`parallel_dynamics.MatrixFreeScan`][] (exact, memory $O(T D)$) for every solver,
-    except that a solver whose scans or Kalman smoother are sharded over devices (a
-    [`parallel_dynamics.ShardedScan`][], or a smoother with a `mesh`) gets a sharded
-    scan over the same mesh axis, so that gradients stay sharded along time."""
-    linear_solver = getattr(solver, "linear_solver", None)
+    except that a solver whose time axis is sharded over devices (its
+    `time_sharding`: a [`parallel_dynamics.ShardedScan`][], or a Kalman smoother with
+    a `mesh`) gets a sharded scan over the same mesh axis, so that gradients stay
+    sharded along time: its own `ShardedScan`, or one with the default local scan."""
+    if not isinstance(solver, AbstractRecurrenceSolver):
+        return MatrixFreeScan()
+    sharding = solver.time_sharding
+    if sharding is None:
+        return MatrixFreeScan()
+    linear_solver = solver.linear_solver  # pyright: ignore
     if isinstance(linear_solver, ShardedScan):
         return linear_solver
-    mesh, axis_name = time_mesh(solver)
-    if mesh is not None:  # a Kalman smoother sharded over `mesh`
-        return ShardedScan(mesh, axis_name)  # pyright: ignore
-    return MatrixFreeScan()
+    return ShardedScan(sharding.mesh, sharding.axis_name)  # pyright: ignore
 
 
 class ImplicitAdjoint(optx.AbstractAdjoint):

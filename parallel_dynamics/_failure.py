@@ -11,6 +11,8 @@ import jax.tree_util as jtu
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, PyTree
 
+from ._linear_solver.sharding import TimeSharding
+
 
 def _failure_token(
     result: eqxi.Enumeration,
@@ -53,7 +55,7 @@ def raise_on_failure(
     result: eqxi.Enumeration,
     is_okay: Callable[[eqxi.Enumeration], Bool[Array, ""]],
     messages: Sequence[tuple[eqxi.Enumeration, str]],
-    mesh: Mesh | None = None,
+    sharding: TimeSharding | None = None,
 ) -> PyTree:
     """Raises (at run time) if `result` is a failure, and returns `tree` tied to the
     check.
@@ -66,7 +68,8 @@ def raise_on_failure(
     - `messages`: `(code, message)` pairs: the error raised for each code, which
         says what happened and what to try. Other failures raise with the message of
         their code.
-    - `mesh`: the mesh of a sharded solver, or `None`.
+    - `sharding`: the [`parallel_dynamics.TimeSharding`][] of a sharded solver, or
+        `None`.
 
     **Returns:**
 
@@ -82,10 +85,11 @@ def raise_on_failure(
     the arrays in the layout they were computed in, e.g. sharded along time across
     devices. With `EQX_ON_ERROR=nan` a failure makes them NaN.
 
-    With the `mesh` of a sharded solver the check runs on every device of the mesh
+    With the `sharding` of a sharded solver the check runs on every device of its mesh
     (inside `jax.shard_map`, where callbacks are per device), so no device waits for
     a token broadcast from a device whose callback raised.
     """
+    mesh = None if sharding is None else sharding.mesh
     token = _checked_token(result, lambda r: _failure_token(r, is_okay, messages), mesh)
     ok = token == 0
 

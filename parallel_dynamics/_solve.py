@@ -11,7 +11,6 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoint import ImplicitAdjoint
 from ._failure import raise_on_failure
-from ._linear_solver.sharded import time_mesh
 from ._problem import Recurrence, recurrence_residual, StateLayout
 from ._solver import AbstractRecurrenceSolver, Sequential
 from ._stopping import rounding_scale, scaled
@@ -404,7 +403,7 @@ def _solve(
     sol = _check_exhausted(sol, solver, recurrence)
     if throw:
         value = raise_on_failure(
-            sol.value, sol.result, _is_successful, _FAILURES, time_mesh(solver)[0]
+            sol.value, sol.result, _is_successful, _FAILURES, solver.time_sharding
         )
         sol = eqx.tree_at(lambda s: s.value, sol, value)
     return eqx.tree_at(lambda s: s.value, sol, layout.unflatten_trajectory(sol.value))

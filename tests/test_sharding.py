@@ -496,3 +496,80 @@ def test_kalman_argument_errors():
     explicit = jax.make_mesh((1,), ("time",), axis_types=(AxisType.Explicit,))
     with pytest.raises(ValueError, match="AxisType.Auto"):
         pdyn.KalmanFilter(mesh=explicit)
+
+
+def _mesh(axis_type="Auto"):
+    import jax
+    from jax.sharding import AxisType
+
+    axis_type = getattr(AxisType, axis_type)
+    return jax.make_mesh((1,), ("time",), axis_types=(axis_type,))
+
+
+def test_time_sharding_argument_errors():
+    import parallel_dynamics as pdyn
+
+    mesh = _mesh()
+    assert pdyn.TimeSharding(mesh).axis_name == "time"
+    assert pdyn.TimeSharding(mesh).num_devices == 1
+    with pytest.raises(TypeError, match="`mesh` must be a `jax.sharding.Mesh`"):
+        pdyn.TimeSharding("time")  # pyright: ignore
+    with pytest.raises(ValueError, match="`axis_name='batch'` is not an axis"):
+        pdyn.TimeSharding(mesh, axis_name="batch")
+    with pytest.raises(ValueError, match="AxisType.Auto"):
+        pdyn.TimeSharding(_mesh("Explicit"))
+
+
+def _sharded_solvers():
+    import parallel_dynamics as pdyn
+
+    mesh = _mesh()
+    scan = pdyn.ShardedScan(mesh)
+    smoother = pdyn.KalmanSmoother(mesh=mesh)
+    return {
+        "Newton": pdyn.Newton(linear_solver=scan),
+        "DEER": pdyn.DEER(linear_solver=scan),
+        "QuasiDEER": pdyn.QuasiDEER(linear_solver=scan),
+        "BlockQuasiDEER": pdyn.BlockQuasiDEER(2, linear_solver=scan),
+        "Picard": pdyn.Picard(linear_solver=scan),
+        "Jacobi": pdyn.Jacobi(linear_solver=scan),
+        "TrustRegionNewton": pdyn.TrustRegionNewton(linear_solver=scan),
+        "TrustDEER": pdyn.TrustDEER(linear_solver=scan),
+        "QuasiTrustDEER": pdyn.QuasiTrustDEER(linear_solver=scan),
+        "LevenbergMarquardt": pdyn.LevenbergMarquardt(linear_solver=smoother),
+        "ELK": pdyn.ELK(linear_solver=smoother),
+        "ELK/filter": pdyn.ELK(linear_solver=pdyn.KalmanFilter(mesh=mesh)),
+        "QuasiELK": pdyn.QuasiELK(linear_solver=smoother),
+    }
+
+
+@pytest.mark.parametrize("name", list(_sharded_solvers()))
+def test_solver_reports_time_sharding_of_its_linear_solver(name):
+    import parallel_dynamics as pdyn
+
+    solver = _sharded_solvers()[name]
+    sharding = solver.time_sharding
+    assert isinstance(sharding, pdyn.TimeSharding)
+    assert sharding == pdyn.TimeSharding(_mesh(), "time")
+    assert sharding == solver.linear_solver.time_sharding
+
+
+def test_solver_without_sharded_linear_solver_reports_none():
+    import parallel_dynamics as pdyn
+
+    solvers = [
+        pdyn.Sequential(),
+        pdyn.DEER(),
+        pdyn.QuasiDEER(linear_solver=pdyn.ParallelScan()),
+        pdyn.DEER(linear_solver=pdyn.MatrixFreeScan()),
+        pdyn.DEER(linear_solver=pdyn.IterativeScan()),
+        pdyn.Picard(),
+        pdyn.Jacobi(),
+        pdyn.TrustDEER(),
+        pdyn.ELK(),
+        pdyn.QuasiELK(linear_solver=pdyn.KalmanFilter()),
+    ]
+    for solver in solvers:
+        assert solver.time_sharding is None, solver
+    for linear_solver in (pdyn.AutoScan(), pdyn.ChunkedScan(4), pdyn.KalmanSmoother()):
+        assert linear_solver.time_sharding is None

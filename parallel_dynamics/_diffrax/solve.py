@@ -22,8 +22,6 @@ from jaxtyping import ArrayLike, PyTree
 from .._adjoint import ImplicitAdjoint
 from .._coarse import coarse_guess, CoarseGuess
 from .._failure import raise_on_failure
-from .._linear_solver import shard_time
-from .._linear_solver.sharded import time_mesh
 from .._slices import fill_slices, num_slices, slice_ends, slice_inputs, SliceStep
 from .._solve import check_recurrence_solver, solve
 from .._solver import TrustDEER
@@ -514,7 +512,7 @@ def _diffeqsolve(
     )
     if throw:
         sol = raise_on_failure(
-            sol, sol.result, dfx.is_okay, _FAILURES, time_mesh(parallel)[0]
+            sol, sol.result, dfx.is_okay, _FAILURES, parallel.time_sharding
         )
     return sol
 
@@ -527,15 +525,15 @@ def _shard_inputs(inputs, parallel, num_steps: int):
     The inputs are computed from the time grid inside the (jitted) solve, so without
     a constraint XLA lays them out, and with them the trajectory, replicated.
     """
-    mesh, axis_name = time_mesh(parallel)
-    if mesh is None or mesh.shape[axis_name] == 1:
+    sharding = parallel.time_sharding
+    if sharding is None or sharding.num_devices == 1:
         return inputs
-    if num_steps % mesh.shape[axis_name]:
+    if num_steps % sharding.num_devices:
         return inputs
 
     def constrain(x):
         if jnp.ndim(x) >= 1 and jnp.shape(x)[0] == num_steps:
-            return shard_time(x, mesh, axis_name)
+            return sharding.shard(x)
         return x
 
     return jtu.tree_map(constrain, inputs)

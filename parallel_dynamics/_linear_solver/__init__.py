@@ -8,11 +8,8 @@ from .scan import (
     ParallelScan as ParallelScan,
     SequentialScan as SequentialScan,
 )
-from .sharded import (
-    shard_time as shard_time,
-    sharded_scan as sharded_scan,
-    ShardedScan as ShardedScan,
-)
+from .sharded_scan import sharded_scan as sharded_scan, ShardedScan as ShardedScan
+from .sharding import shard_time as shard_time, TimeSharding as TimeSharding
 from .smoother import (
     kalman_smooth as kalman_smooth,
     KalmanFilter as KalmanFilter,

@@ -11,6 +11,7 @@ from .._blocks import AbstractBlocks, DenseBlocks
 from .._operator import BlockBidiagonalOperator, successor_blocks
 from .._scan import chunked_scan, parallel_scan, sequential_scan
 from .._validation import check_count
+from .sharding import TimeSharding
 
 
 _ScanState: TypeAlias = tuple[AbstractBlocks, bool]
@@ -51,6 +52,12 @@ class AbstractScanSolver(lx.AbstractLinearSolver[_ScanState]):
     forward scan into the reverse scan of the transposed system, which is how gradients
     are computed.
     """
+
+    @property
+    def time_sharding(self) -> TimeSharding | None:
+        """The [`parallel_dynamics.TimeSharding`][] of the time axis across devices,
+        or `None` for a scan on one device."""
+        return None
 
     @abc.abstractmethod
     def _solve(self, blocks: AbstractBlocks, offsets: Array, reverse: bool) -> Array:

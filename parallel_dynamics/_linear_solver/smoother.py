@@ -2,15 +2,25 @@ from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import lineax as lx
 from jax.sharding import Mesh
 from jaxtyping import Array, Inexact, PyTree, Scalar
 
+from .. import _scan
 from .._blocks import AbstractBlocks
 from .._operator import DampedBidiagonalOperator
-from .scan import AutoScan, ParallelScan, SequentialScan
-from .sharded import check_mesh, sharded_kalman_smooth, ShardedScan
+from .scan import AbstractScanSolver, AutoScan, ParallelScan, SequentialScan
+from .sharded_scan import scan_chunk, ShardedScan
+from .sharding import pad_time, shard_map_time, time_padding, TimeSharding
+
+
+def _scan_solver(parallel: bool | None) -> AbstractScanSolver:
+    """The single-device scan that matches `parallel` of a Kalman smoother."""
+    if parallel is None:
+        return AutoScan()
+    return ParallelScan() if parallel else SequentialScan()
 
 
 def kalman_smooth(
@@ -52,6 +62,100 @@ def kalman_smooth(
     )
 
 
+def sharded_kalman_smooth(
+    blocks: AbstractBlocks,
+    offsets: Inexact[Array, "T D"],
+    observations: Inexact[Array, "T D"],
+    damping,
+    *,
+    mesh: Mesh,
+    axis_name: str = "time",
+    parallel: bool = True,
+    smooth: bool = True,
+    radix: int | None = None,
+) -> Inexact[Array, "T D"]:
+    """The Kalman smoother (or filter) mean of
+    [`parallel_dynamics.KalmanSmoother`][] with the time axis sharded over the devices
+    of `mesh.shape[axis_name]`, inside `jax.shard_map`.
+
+    Device $p$ holds a contiguous chunk of the time axis.
+
+    1. **Filter.** Each device builds the associative filtering elements of its steps
+       (Särkkä & García-Fernández 2021) and combines them with a local prefix scan.
+       The $P$ chunk totals (one element each: $D(3D + 2)$ numbers dense, $5D$
+       diagonal, $D(3k + 2)$ for $k \\times k$ blocks) are all-gathered; each device
+       combines those of the devices before it into its carry-in element and combines
+       it with each of its prefixes: the filtering means and covariances of its steps.
+    2. **Smoother.** The smoothing elements $x_t = E_t x_{t+1} + g_t$ need the next
+       step's transition and offset: the last step of each chunk receives them from the
+       right neighbour (one `jax.lax.ppermute` of one block and one vector). They form
+       a reverse affine recurrence, solved like [`parallel_dynamics.internal.sharded_scan`][]:
+       the $P$ chunk summaries ($D^2 + D$ numbers dense, $2D$ diagonal, $Dk + D$
+       block-diagonal) are all-gathered and each device applies its carry-in.
+
+    The trajectory, the blocks and the observations never leave their devices. When
+    $T$ is not divisible by $P$ the time axis is padded at its end with zero blocks,
+    offsets and observations: a step with a zero transition is independent of the
+    past, so it changes neither the filter of the steps before it nor (its smoothing
+    gain being zero) their smoothed means.
+    """
+    sharding = TimeSharding(mesh, axis_name)
+    num_devices = sharding.num_devices
+    length = offsets.shape[0]
+    dtype = offsets.dtype
+    damping = jnp.broadcast_to(jnp.asarray(damping, dtype), (length,))
+    transitions = jax.tree.map(lambda x: x.astype(dtype), blocks.kalman_blocks())
+    pad = time_padding(sharding, length)
+    transitions, offsets, observations = pad_time(
+        (transitions, offsets, observations), pad
+    )
+    damping = pad_time(damping, pad, fill=1)
+    local = _scan_solver(parallel)
+
+    def body(transitions, offsets, observations, damping):
+        index = lax.axis_index(axis_name)
+        combine = transitions.combine
+        identity = transitions.filter_identity(dtype)
+        # The first step of the whole trajectory absorbs the known x_0 = 0.
+        first = jax.tree.map(
+            lambda x: x.at[0].set(jnp.where(index == 0, 0, x[0])), transitions
+        )
+        elements = first.filter_elements(offsets, observations, damping)
+        if parallel is False:
+
+            def step(carry, element):
+                carry = combine(carry, element)
+                return carry, carry
+
+            _, elements = lax.scan(step, identity, elements)
+        else:
+            elements = _scan.inclusive_scan(
+                jax.vmap(combine), elements, identity, radix
+            )
+        totals = lax.all_gather(elements[-1], axis_name)
+
+        def exclusive(carry, total):
+            return combine(carry, total), carry
+
+        _, entering = lax.scan(exclusive, identity, totals)
+        elements = jax.vmap(combine, in_axes=(None, 0))(entering[index], elements)
+        if not smooth:
+            return transitions.filtered_means(elements)
+        # Step t's smoothing element needs A_{t+1} and b_{t+1}; the last device gets
+        # zeros (a zero gain: x_T is its filtering mean).
+        shift = [(p, p - 1) for p in range(1, num_devices)]
+        transitions_next, offsets_next = jax.tree.map(
+            lambda x: jnp.concatenate([x[1:], lax.ppermute(x[:1], axis_name, shift)]),
+            (transitions, offsets),
+        )
+        gains, means = transitions_next.smoothing(elements, offsets_next)
+        return scan_chunk(gains, means, axis_name=axis_name, local=local, reverse=True)
+
+    inputs = sharding.shard((transitions, offsets, observations, damping))
+    out = shard_map_time(body, sharding, 4)(*inputs)
+    return out[:length] if pad else out
+
+
 class AbstractKalmanSolver(lx.AbstractLinearSolver):
     parallel: eqx.AbstractVar[bool | None]
     radix: eqx.AbstractVar[int | None]
@@ -66,7 +170,15 @@ class AbstractKalmanSolver(lx.AbstractLinearSolver):
         ):
             raise ValueError(f"`radix` must be None or an int >= 2, got {radix!r}.")
         if self.mesh is not None:
-            check_mesh(self.mesh, self.axis_name)
+            TimeSharding(self.mesh, self.axis_name)  # checks the arguments
+
+    @property
+    def time_sharding(self) -> TimeSharding | None:
+        """The [`parallel_dynamics.TimeSharding`][] of the time axis across devices
+        when the smoother has a `mesh`, otherwise `None`."""
+        if self.mesh is None:
+            return None
+        return TimeSharding(self.mesh, self.axis_name)
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         del options
@@ -126,9 +238,7 @@ class AbstractKalmanSolver(lx.AbstractLinearSolver):
         parallel or sequential as `parallel` says."""
         if self.mesh is not None:
             return ShardedScan(self.mesh, self.axis_name)  # pyright: ignore
-        if self.parallel is None:
-            return AutoScan()
-        return ParallelScan() if self.parallel else SequentialScan()
+        return _scan_solver(self.parallel)
 
 
 class KalmanSmoother(AbstractKalmanSolver):

@@ -3,9 +3,13 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
+from .._linear_solver.scan import AbstractScanSolver
+from .._linear_solver.sharding import TimeSharding
+from .._linear_solver.smoother import AbstractKalmanSolver
 from .._problem import Recurrence
 from .._scan import on_cpu
 from .._stopping import (
@@ -14,6 +18,14 @@ from .._stopping import (
     default_tolerance as default_tolerance,
     scaled,
 )
+
+
+def time_sharding_of(linear_solver: lx.AbstractLinearSolver) -> TimeSharding | None:
+    """The time sharding that `linear_solver` declares: that of a scan solver or a
+    Kalman smoother or filter; `None` for any other Lineax solver."""
+    if isinstance(linear_solver, AbstractScanSolver | AbstractKalmanSolver):
+        return linear_solver.time_sharding
+    return None
 
 
 def as_recurrence(args: PyTree, solver: eqx.Module) -> Recurrence:
@@ -60,6 +72,13 @@ class AbstractRecurrenceSolver(optx.AbstractRootFinder):
     rtol: eqx.AbstractVar[float | None]
     atol: eqx.AbstractVar[float | None]
     norm: eqx.AbstractVar[Callable[[PyTree], Scalar]]
+
+    @property
+    def time_sharding(self) -> TimeSharding | None:
+        """The [`parallel_dynamics.TimeSharding`][] of the time axis across devices
+        that the solver's linear solver declares, or `None` when the solve runs on
+        one device."""
+        return None
 
     @property
     def superlinear(self) -> bool:

@@ -19,6 +19,7 @@ from .._jacobian import (
 from .._linear_solver.iterative import IterativeScan
 from .._linear_solver.matrix_free import MatrixFreeScan
 from .._linear_solver.scan import AbstractScanSolver, AutoScan
+from .._linear_solver.sharding import TimeSharding
 from .._operator import BlockBidiagonalOperator
 from .base import (
     AbstractRecurrenceSolver,
@@ -27,6 +28,7 @@ from .base import (
     at_rounding_level,
     IterationState,
     print_progress,
+    time_sharding_of,
 )
 
 
@@ -72,6 +74,10 @@ class AbstractNewton(AbstractRecurrenceSolver):
     jacobian: eqx.AbstractVar[AbstractJacobian]
     linear_solver: eqx.AbstractVar[lx.AbstractLinearSolver]
     verbose: eqx.AbstractVar[bool]
+
+    @property
+    def time_sharding(self) -> TimeSharding | None:
+        return time_sharding_of(self.linear_solver)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, args, options, f_struct, aux_struct, tags

@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 from .._blocks import map_time
 from .._jacobian import AbstractJacobian, DenseJacobian
 from .._linear_solver.scan import AutoScan
+from .._linear_solver.sharding import TimeSharding
 from .._operator import BlockBidiagonalOperator
 from .base import (
     AbstractRecurrenceSolver,
@@ -20,6 +21,7 @@ from .base import (
     at_rounding_level,
     converged,
     first_unconverged,
+    time_sharding_of,
 )
 from .horizon import continue_beyond, trusted_horizon
 from .newton import diagonal_jacobian, finite_or_zero
@@ -80,6 +82,10 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
     min_ratio: eqx.AbstractVar[float]
     max_growth: eqx.AbstractVar[float]
     verbose: eqx.AbstractVar[bool]
+
+    @property
+    def time_sharding(self) -> TimeSharding | None:
+        return time_sharding_of(self.linear_solver)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, args, options, f_struct, aux_struct, tags

@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
 from ..._blocks import mask_time
 from ..._jacobian import AbstractJacobian, DenseJacobian
-from ..._linear_solver.sharded import time_mesh
+from ..._linear_solver.sharding import TimeSharding
 from ..._linear_solver.smoother import KalmanSmoother
 from ..._operator import BlockBidiagonalOperator
 from ..base import (
@@ -21,6 +21,7 @@ from ..base import (
     as_recurrence,
     at_rounding_level,
     first_unconverged,
+    time_sharding_of,
 )
 from ..newton import diagonal_jacobian
 from .damping import AbstractDamping, AdaptiveDamping
@@ -138,6 +139,10 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
     window: eqx.AbstractVar[TimeWindow]
     verbose: eqx.AbstractVar[bool]
 
+    @property
+    def time_sharding(self) -> TimeSharding | None:
+        return time_sharding_of(self.linear_solver)
+
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, args, options, f_struct, aux_struct, tags
         self.check_tolerances()
@@ -171,9 +176,8 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         newton = verifies(state.stopping, all_converged)
         # Only the verification's stopping test reads it (for quasi-Newton checks).
         rounding = at_rounding_level(residual, y, values, when=newton)
-        mesh, _ = time_mesh(self)
         y, residual, step_nonfinite = _restart_at(
-            recurrence, y, values, start, sharded=mesh is not None
+            recurrence, y, values, start, sharded=self.time_sharding is not None
         )
         # The window ends before the first non-finite residual after k: non-finite
         # values there (a step undefined at the initial guess) only wait.
