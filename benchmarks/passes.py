@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 import parallel_dynamics as pdyn
-from parallel_dynamics._linear_solver.scan import auto_scan
+from parallel_dynamics._linear_solver.scan_solvers import auto_scan
 
 from .common import (
     error_message,

@@ -1,6 +1,6 @@
 from .iterative import IterativeScan as IterativeScan
 from .matrix_free import MatrixFreeScan as MatrixFreeScan
-from .scan import (
+from .scan_solvers import (
     AbstractScanSolver as AbstractScanSolver,
     AutoScan as AutoScan,
     ChunkedScan as ChunkedScan,

@@ -14,7 +14,7 @@ from .._operator import BlockBidiagonalOperator, successor_blocks
 from .._problem import Recurrence
 from .._scan import entering_chunks, from_chunks, parallel_scan, to_chunks
 from .._validation import check_count
-from .scan import auto_scan
+from .scan_solvers import auto_scan
 
 
 # `apply(point, x, rows)`: the rows of `rows` (shape `(k, D)`) mapped by the Jacobian

@@ -17,7 +17,7 @@ from jaxtyping import Array, Inexact
 
 from .. import _scan
 from .._blocks import AbstractBlocks, map_time
-from .scan import AbstractScanSolver, AutoScan, SequentialScan
+from .scan_solvers import AbstractScanSolver, AutoScan, SequentialScan
 from .sharding import pad_time, shard_map_time, time_padding, TimeSharding
 
 

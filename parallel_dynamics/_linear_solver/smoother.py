@@ -11,7 +11,7 @@ from jaxtyping import Array, Inexact, PyTree, Scalar
 from .. import _scan
 from .._blocks import AbstractBlocks
 from .._operator import DampedBidiagonalOperator
-from .scan import AbstractScanSolver, AutoScan, ParallelScan, SequentialScan
+from .scan_solvers import AbstractScanSolver, AutoScan, ParallelScan, SequentialScan
 from .sharded_scan import scan_chunk, ShardedScan
 from .sharding import pad_time, shard_map_time, time_padding, TimeSharding
 

@@ -7,7 +7,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from .._linear_solver.scan import AbstractScanSolver
+from .._linear_solver.scan_solvers import AbstractScanSolver
 from .._linear_solver.sharding import TimeSharding
 from .._linear_solver.smoother import AbstractKalmanSolver
 from .._problem import Recurrence

@@ -5,7 +5,7 @@ import optimistix as optx
 from jaxtyping import PyTree, Scalar
 
 from .._jacobian import AbstractJacobian, IdentityJacobian, ZeroJacobian
-from .._linear_solver.scan import AutoScan
+from .._linear_solver.scan_solvers import AutoScan
 from .newton import AbstractNewton
 
 

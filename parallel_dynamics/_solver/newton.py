@@ -18,7 +18,7 @@ from .._jacobian import (
 )
 from .._linear_solver.iterative import IterativeScan
 from .._linear_solver.matrix_free import MatrixFreeScan
-from .._linear_solver.scan import AbstractScanSolver, AutoScan
+from .._linear_solver.scan_solvers import AbstractScanSolver, AutoScan
 from .._linear_solver.sharding import TimeSharding
 from .._operator import BlockBidiagonalOperator
 from .base import (

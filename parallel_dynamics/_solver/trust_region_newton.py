@@ -11,7 +11,7 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
 from .._blocks import map_time
 from .._jacobian import AbstractJacobian, DenseJacobian
-from .._linear_solver.scan import AutoScan
+from .._linear_solver.scan_solvers import AutoScan
 from .._linear_solver.sharding import TimeSharding
 from .._operator import BlockBidiagonalOperator
 from .base import (

@@ -4,7 +4,7 @@ undamped (Newton) solve that verifies a converged trajectory."""
 import lineax as lx
 from jaxtyping import Array, Inexact, Scalar
 
-from ..._linear_solver.scan import AutoScan
+from ..._linear_solver.scan_solvers import AutoScan
 from ..._linear_solver.smoother import AbstractKalmanSolver, DampedBidiagonalOperator
 from ..._operator import BlockBidiagonalOperator
 
