@@ -26,6 +26,8 @@ class Sequential(AbstractRecurrenceSolver):
         ```
     """
 
+    # Not read by the solve, which is exact: `optimistix.AbstractRootFinder` declares
+    # `rtol`, `atol` and `norm` for every root finder.
     rtol: float | None = None
     atol: float | None = None
     norm: Callable[[PyTree], Scalar] = optx.max_norm
@@ -58,6 +60,9 @@ class Sequential(AbstractRecurrenceSolver):
 
 Sequential.__init__.__doc__ = """**Arguments:**
 
-- `rtol`, `atol`: unused (the result is exact); accepted for a uniform interface.
+- `rtol`, `atol`: not used, as the result is exact. Every Optimistix root finder has
+    them (`optimistix.AbstractRootFinder` declares `rtol`, `atol` and `norm`), so
+    `Sequential` stands wherever another solver does; like theirs, they are checked
+    to be non-negative.
 - `norm`: the norm reported as `sol.stats["residual_norm"]`.
 """
