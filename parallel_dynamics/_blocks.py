@@ -32,7 +32,7 @@ class AbstractBlocks(eqx.Module):
     with these it works with every scan (parallel, sequential, chunked, sharded) and,
     through its dense matrices, with the Kalman smoother and filter. Overriding
     `identity_like`, `closed_form` and `kalman_blocks` makes those faster for the
-    structure.
+    structure, and `is_zero` tells Lineax that the operator is the identity.
     """
 
     @abc.abstractmethod
@@ -83,6 +83,14 @@ class AbstractBlocks(eqx.Module):
         a sharded scan then summarises a chunk of it by the blocks themselves."""
         del offsets, reverse
         return None
+
+    def is_zero(self) -> bool:
+        """Whether every block is zero by its structure (known at trace time, not
+        read from the values), as for [`parallel_dynamics.ZeroBlocks`][]: the
+        recurrence then decouples, and Lineax's structure queries see a
+        [`parallel_dynamics.BlockBidiagonalOperator`][] of such blocks as the
+        identity (diagonal, symmetric, both triangular). `False` by default."""
+        return False
 
     def kalman_blocks(self):
         """Returns the blocks as the transitions of the Kalman smoother and filter
@@ -262,6 +270,9 @@ class ZeroBlocks(AbstractBlocks):
     def closed_form(self, offsets, *, reverse):
         del reverse
         return offsets
+
+    def is_zero(self):
+        return True
 
     def kalman_blocks(self):
         from ._linear_solver.kalman import DiagonalKalmanBlocks

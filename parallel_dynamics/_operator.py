@@ -5,7 +5,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Scalar
 
-from ._blocks import AbstractBlocks, map_time, ZeroBlocks
+from ._blocks import AbstractBlocks, map_time
 
 
 def shift_backward(x: Array) -> Array:
@@ -105,7 +105,7 @@ class BlockBidiagonalOperator(lx.AbstractLinearOperator):
 
 
 def _decoupled(operator: BlockBidiagonalOperator) -> bool:
-    return isinstance(operator.blocks, ZeroBlocks)
+    return operator.blocks.is_zero()
 
 
 @lx.linearise.register(BlockBidiagonalOperator)

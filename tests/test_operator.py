@@ -96,6 +96,40 @@ def test_lineax_structure_queries():
     np.testing.assert_allclose(up, 0.0)
 
 
+class _ZeroDiagonalBlocks(pdyn.AbstractBlocks):
+    """$A_t = 0$, stored as a zero diagonal, declared zero by its structure."""
+
+    diagonal: jax.Array
+
+    def apply(self, vector):
+        return jnp.zeros_like(vector)
+
+    def compose(self, earlier):
+        del earlier
+        return self
+
+    def transpose(self):
+        return self
+
+    def as_matrices(self):
+        return jnp.zeros(self.diagonal.shape + self.diagonal.shape[-1:])
+
+    def is_zero(self):
+        return True
+
+
+def test_structure_queries_follow_is_zero():
+    assert pdyn.ZeroBlocks(LENGTH, SIZE, np.dtype("float32")).is_zero()
+    for kind in KINDS:
+        assert _blocks(kind).is_zero() == (kind == "zero")
+    blocks = _ZeroDiagonalBlocks(jnp.zeros((LENGTH, SIZE)))
+    for lower in (True, False):
+        operator = pdyn.BlockBidiagonalOperator(blocks, lower=lower)
+        assert lx.is_diagonal(operator) and lx.is_symmetric(operator)
+        assert lx.is_lower_triangular(operator) and lx.is_upper_triangular(operator)
+        assert lx.is_tridiagonal(operator)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("solver", SOLVERS, ids=repr)
 def test_scan_solvers_and_transposes_match_dense_solve(kind, solver):
