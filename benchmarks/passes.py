@@ -51,21 +51,21 @@ ERROR_ITERATIONS = 9
 # name -> (Jacobian structure, solver factory(tol))
 SOLVERS = {
     "QuasiDEER exact": (
-        pdyn.ExactDiagonal(),
+        pdyn.ExactDiagonalJacobian(),
         lambda tol: pdyn.QuasiDEER(rtol=tol, atol=tol),
     ),
     "QuasiDEER diag_fn": (
-        pdyn.DiagonalFunction(gru_diagonal),
+        pdyn.DiagonalFunctionJacobian(gru_diagonal),
         lambda tol: pdyn.QuasiDEER(rtol=tol, atol=tol, diagonal=gru_diagonal),
     ),
     "QuasiDEER stoch k=1": (
-        pdyn.StochasticDiagonal(num_probes=1),
+        pdyn.StochasticDiagonalJacobian(num_probes=1),
         lambda tol: pdyn.QuasiDEER(
             rtol=tol, atol=tol, diagonal="stochastic", num_probes=1
         ),
     ),
     "QuasiDEER stoch k=4": (
-        pdyn.StochasticDiagonal(num_probes=4),
+        pdyn.StochasticDiagonalJacobian(num_probes=4),
         lambda tol: pdyn.QuasiDEER(
             rtol=tol, atol=tol, diagonal="stochastic", num_probes=4
         ),
@@ -132,7 +132,7 @@ def run_dim(size: int, budget_s: float) -> dict:
     evaluate = eqx.filter_jit(lambda rec, p: rec.evaluate(p))
     jvp = eqx.filter_jit(lambda rec, p, v: jax.jvp(rec.evaluate, (p,), (v,)))
     linearise = eqx.filter_jit(lambda jac, rec, p: jac.linearise(rec, p, 0))
-    _, diagonal_blocks = linearise(pdyn.ExactDiagonal(), recurrence, previous)
+    _, diagonal_blocks = linearise(pdyn.ExactDiagonalJacobian(), recurrence, previous)
     _, dense_blocks = linearise(pdyn.DenseJacobian(), recurrence, previous)
     auto = jax.jit(lambda b, o: auto_scan(b, o))
     sequential = jax.jit(pdyn.internal.sequential_scan)

@@ -20,9 +20,12 @@ from ._jacobian import (
     BlockDiagonalJacobian as BlockDiagonalJacobian,
     DenseJacobian as DenseJacobian,
     DiagonalFunction as DiagonalFunction,
+    DiagonalFunctionJacobian as DiagonalFunctionJacobian,
     ExactDiagonal as ExactDiagonal,
+    ExactDiagonalJacobian as ExactDiagonalJacobian,
     IdentityJacobian as IdentityJacobian,
     StochasticDiagonal as StochasticDiagonal,
+    StochasticDiagonalJacobian as StochasticDiagonalJacobian,
     ZeroJacobian as ZeroJacobian,
 )
 from ._linear_solver import (

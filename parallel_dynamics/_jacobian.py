@@ -189,7 +189,7 @@ class DenseJacobian(AbstractJacobian):
         return values, DenseBlocks(matrices)
 
 
-class ExactDiagonal(AbstractJacobian):
+class ExactDiagonalJacobian(AbstractJacobian):
     """$A_t = \\operatorname{diag}(J_t)$, exactly (quasi-Newton; quasi-DEER).
 
     In general this costs up to $D$ tangent evaluations per step, done in bounded
@@ -236,7 +236,7 @@ class ExactDiagonal(AbstractJacobian):
         return values, DiagonalBlocks(diagonal)
 
 
-class StochasticDiagonal(AbstractJacobian):
+class StochasticDiagonalJacobian(AbstractJacobian):
     """$A_t \\approx \\operatorname{diag}(J_t)$ by Hutchinson-style probing:
     $\\operatorname{diag}(J) \\approx \\frac1k \\sum_{i=1}^k v_i \\odot (J v_i)$ with
     Rademacher vectors $v_i$ (Bekas et al. 2007; used for parallel MCMC by Zoltowski
@@ -279,7 +279,7 @@ class StochasticDiagonal(AbstractJacobian):
         return values, DiagonalBlocks(diagonal)
 
 
-class DiagonalFunction(AbstractJacobian):
+class DiagonalFunctionJacobian(AbstractJacobian):
     """$A_t = \\operatorname{diag}(d(y_{t-1}, x_t, \\theta))$ from a user-supplied
     function `diagonal_fn(y_prev, x_t, args)` returning a PyTree with the structure of
     the state: the diagonal of $\\partial f / \\partial y$, or any diagonal
@@ -367,3 +367,9 @@ class ZeroJacobian(AbstractJacobian):
         values = _evaluate_bounded(recurrence, previous)
         length, size = previous.shape
         return values, ZeroBlocks(length, size, previous.dtype)
+
+
+# The diagonal structures under their short names: aliases of the same classes.
+ExactDiagonal = ExactDiagonalJacobian
+StochasticDiagonal = StochasticDiagonalJacobian
+DiagonalFunction = DiagonalFunctionJacobian

@@ -71,7 +71,7 @@ def _block_mask(size, k):
 def _structures(size):
     out = {
         "dense": (pdyn.DenseJacobian(), jnp.ones((size, size), bool)),
-        "exact diagonal": (pdyn.ExactDiagonal(), jnp.eye(size, dtype=bool)),
+        "exact diagonal": (pdyn.ExactDiagonalJacobian(), jnp.eye(size, dtype=bool)),
         "blocks of 1": (pdyn.BlockDiagonalJacobian(1), jnp.eye(size, dtype=bool)),
     }
     k = next((k for k in range(2, size) if size % k == 0), None)
@@ -113,14 +113,20 @@ def test_blocks_are_the_jacobian_entries(name, batched, monkeypatch):
         )
 
 
+def test_short_names_are_aliases():
+    assert pdyn.ExactDiagonal is pdyn.ExactDiagonalJacobian
+    assert pdyn.StochasticDiagonal is pdyn.StochasticDiagonalJacobian
+    assert pdyn.DiagonalFunction is pdyn.DiagonalFunctionJacobian
+
+
 def test_each_structure_says_whether_it_is_exact():
     assert pdyn.DenseJacobian().exact
-    assert pdyn.ExactDiagonal(elementwise=True).exact
+    assert pdyn.ExactDiagonalJacobian(elementwise=True).exact
     assert pdyn.BlockDiagonalJacobian(2, blockwise=True).exact
     inexact = [
-        pdyn.ExactDiagonal(),
-        pdyn.StochasticDiagonal(),
-        pdyn.DiagonalFunction(lambda y, x, args: y),
+        pdyn.ExactDiagonalJacobian(),
+        pdyn.StochasticDiagonalJacobian(),
+        pdyn.DiagonalFunctionJacobian(lambda y, x, args: y),
         pdyn.BlockDiagonalJacobian(2),
         pdyn.IdentityJacobian(),
         pdyn.ZeroJacobian(),

@@ -217,7 +217,7 @@ def test_bad_solver_options_raise_at_construction(make, match):
     [
         (lambda: pdyn.BlockQuasiDEER(2.5), "block_size"),
         (lambda: pdyn.BlockDiagonalJacobian(True), "block_size"),
-        (lambda: pdyn.StochasticDiagonal(num_probes=2.5), "num_probes"),
+        (lambda: pdyn.StochasticDiagonalJacobian(num_probes=2.5), "num_probes"),
         (lambda: pdyn.ChunkedScan(chunk_size=8.0), "chunk_size"),
         (lambda: pdyn.MatrixFreeScan(chunk_size=True), "chunk_size"),
         (lambda: pdyn.IterativeScan(max_steps=2.5), "max_steps"),

@@ -12,9 +12,9 @@ from .._jacobian import (
     AbstractJacobian,
     BlockDiagonalJacobian,
     DenseJacobian,
-    DiagonalFunction,
-    ExactDiagonal,
-    StochasticDiagonal,
+    DiagonalFunctionJacobian,
+    ExactDiagonalJacobian,
+    StochasticDiagonalJacobian,
 )
 from .._linear_solver.iterative import IterativeScan
 from .._linear_solver.matrix_free import MatrixFreeScan
@@ -193,13 +193,13 @@ def diagonal_jacobian(
     if isinstance(diagonal, AbstractJacobian):
         return diagonal
     if diagonal == "exact":
-        return ExactDiagonal()
+        return ExactDiagonalJacobian()
     if diagonal == "elementwise":
-        return ExactDiagonal(elementwise=True)
+        return ExactDiagonalJacobian(elementwise=True)
     if diagonal == "stochastic":
-        return StochasticDiagonal(num_probes=num_probes, key=key)
+        return StochasticDiagonalJacobian(num_probes=num_probes, key=key)
     if callable(diagonal):
-        return DiagonalFunction(diagonal)
+        return DiagonalFunctionJacobian(diagonal)
     raise ValueError(
         f"`diagonal` must be one of {_DIAGONALS}, a callable "
         "`diagonal_fn(y_prev, x, args)` or a `parallel_dynamics.AbstractJacobian`; got "
@@ -313,8 +313,8 @@ Newton.__init__.__doc__ = (
     + _newton_args
     + """- `jacobian`: what $A_t$ is: an [`parallel_dynamics.AbstractJacobian`][] such as
     [`parallel_dynamics.DenseJacobian`][] (default),
-    [`parallel_dynamics.ExactDiagonal`][], [`parallel_dynamics.StochasticDiagonal`][],
-    [`parallel_dynamics.DiagonalFunction`][],
+    [`parallel_dynamics.ExactDiagonalJacobian`][], [`parallel_dynamics.StochasticDiagonalJacobian`][],
+    [`parallel_dynamics.DiagonalFunctionJacobian`][],
     [`parallel_dynamics.BlockDiagonalJacobian`][],
     [`parallel_dynamics.IdentityJacobian`][] or [`parallel_dynamics.ZeroJacobian`][].
 """
