@@ -97,22 +97,22 @@ def test_lineax_structure_queries():
 
 
 class _ZeroDiagonalBlocks(pdyn.AbstractBlocks):
-    """$A_t = 0$, stored as a zero diagonal, declared zero by its structure."""
+    """Diagonal blocks that are zero by construction (a zero diagonal, stored), and
+    say so through `is_zero`."""
 
     diagonal: jax.Array
 
     def apply(self, vector):
-        return jnp.zeros_like(vector)
+        return self.diagonal * vector
 
     def compose(self, earlier):
-        del earlier
-        return self
+        return _ZeroDiagonalBlocks(self.diagonal * earlier.diagonal)
 
     def transpose(self):
         return self
 
     def as_matrices(self):
-        return jnp.zeros(self.diagonal.shape + self.diagonal.shape[-1:])
+        return jnp.vectorize(jnp.diag, signature="(d)->(d,d)")(self.diagonal)
 
     def is_zero(self):
         return True

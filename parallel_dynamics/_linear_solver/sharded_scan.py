@@ -18,7 +18,13 @@ from jaxtyping import Array, Inexact
 from .. import _scan
 from .._blocks import AbstractBlocks, map_time
 from .scan_solvers import AbstractScanSolver, AutoScan, SequentialScan
-from .sharding import pad_time, shard_map_time, time_padding, TimeSharding
+from .sharding import (
+    MESH_ARGUMENTS,
+    pad_time,
+    shard_map_time,
+    time_padding,
+    TimeSharding,
+)
 
 
 def _take(blocks: AbstractBlocks, index) -> AbstractBlocks:
@@ -262,14 +268,9 @@ class ShardedScan(AbstractScanSolver):
         return solution, lx.RESULTS.successful, {}
 
 
-ShardedScan.__init__.__doc__ = """**Arguments:**
+ShardedScan.__init__.__doc__ = f"""**Arguments:**
 
-- `mesh`: a `jax.sharding.Mesh` whose axis `axis_name` is `AxisType.Auto`, e.g.
-    `jax.make_mesh((4,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))`.
-- `axis_name`: the mesh axis that the time axis is sharded over (default `"time"`).
-    Other mesh axes, if any, are left to the caller (e.g. a batch axis under
-    `jax.vmap`).
-- `local`: the scan each device runs on its chunk: [`parallel_dynamics.AutoScan`][]
+{MESH_ARGUMENTS}- `local`: the scan each device runs on its chunk: [`parallel_dynamics.AutoScan`][]
     (default), [`parallel_dynamics.SequentialScan`][],
     [`parallel_dynamics.ChunkedScan`][] or [`parallel_dynamics.ParallelScan`][]. With
     a sequential local scan the chunk summary is accumulated in one `lax.scan`,

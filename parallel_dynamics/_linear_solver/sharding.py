@@ -135,14 +135,17 @@ class TimeSharding(eqx.Module):
         return shard_time(x, self.mesh, self.axis_name)
 
 
-TimeSharding.__init__.__doc__ = """**Arguments:**
-
-- `mesh`: a `jax.sharding.Mesh` whose axis `axis_name` is `AxisType.Auto`, e.g.
+# The arguments `mesh` and `axis_name`, as every sharded solver documents them.
+MESH_ARGUMENTS = """- `mesh`: a `jax.sharding.Mesh` whose axis `axis_name` is `AxisType.Auto`, e.g.
     `jax.make_mesh((4,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))`.
 - `axis_name`: the mesh axis that the time axis is sharded over (default `"time"`).
     Other mesh axes, if any, are left to the caller (e.g. a batch axis under
     `jax.vmap`).
+"""
 
+TimeSharding.__init__.__doc__ = f"""**Arguments:**
+
+{MESH_ARGUMENTS}
 Raises `TypeError` if `mesh` is not a `jax.sharding.Mesh`, and `ValueError` if
 `axis_name` is not one of its axes or is an `AxisType.Explicit` axis.
 """
