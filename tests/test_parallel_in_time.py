@@ -17,7 +17,12 @@ import optimistix as optx
 import pytest
 
 import parallel_dynamics as pdyn
-from parallel_dynamics._coarse import automatic_factor, coarse_indices
+from parallel_dynamics._coarse import (
+    adaptive_budget,
+    automatic_factor,
+    automatic_tolerance,
+    coarse_indices,
+)
 
 
 RTOL = 1e-9
@@ -77,6 +82,17 @@ def test_automatic_factor():
     np.testing.assert_array_equal(coarse_indices(8, 4), [0, 4, 8])
 
 
+def _adaptive_reference(tolerance: float, max_steps: int = NUM_STEPS):
+    """The adaptive Tsit5 solve that the default coarse guess runs."""
+    times = jnp.linspace(T0, T1, NUM_STEPS + 1)
+    return dfx.diffeqsolve(
+        TERM, dfx.Tsit5(), T0, T1, None, Y0, ARGS,
+        saveat=dfx.SaveAt(ts=times[1:]),
+        stepsize_controller=dfx.PIDController(rtol=tolerance, atol=tolerance),
+        max_steps=max_steps,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "parallel, without, ceiling",
     [
@@ -87,26 +103,82 @@ def test_automatic_factor():
     ],
     ids=["TrustDEER", "DEER", "QuasiTrustDEER"],
 )
-def test_coarse_guess_matches_diffrax_in_fewer_iterations(parallel, without, ceiling):
+def test_default_coarse_guess_matches_diffrax_in_fewer_iterations(
+    parallel, without, ceiling
+):
     expected = _reference().ys
-    plain = _solve(parallel=parallel)
+    plain = _solve(parallel=parallel, coarse=None)
     if without is None:  # DEER overflows from the constant guess
         assert plain.result != dfx.RESULTS.successful
     else:
         assert _iterations(plain) == without
-    sol = _solve(parallel=parallel, coarse=pdyn.CoarseGuess())
+    assert "num_coarse_steps" not in plain.stats
+    sol = _solve(parallel=parallel)
     assert sol.result == dfx.RESULTS.successful
     assert _iterations(sol) <= ceiling
     assert_close(sol.ys, expected)
+    # The default coarse grid is adaptive, at rtol = atol = 1e-6 in float64: 52
+    # steps (10 of them rejected), within the budget of twice the 67 steps of the
+    # automatic uniform grid.
+    adaptive_steps = int(_adaptive_reference(1e-6).stats["num_steps"])
+    assert int(sol.stats["num_coarse_steps"]) == adaptive_steps == 52
+    assert adaptive_budget(NUM_STEPS) == 134
+    assert "coarse_factor" not in sol.stats
+
+
+def test_uniform_coarse_grid():
+    sol = _solve(coarse=pdyn.CoarseGuess(stepsize_controller=dfx.ConstantStepSize()))
+    assert sol.result == dfx.RESULTS.successful
+    assert _iterations(sol) <= 3  # measured: 2
+    assert_close(sol.ys, _reference().ys)
     assert sol.stats["coarse_factor"] == automatic_factor(NUM_STEPS) == 3
     assert int(sol.stats["num_coarse_steps"]) == 67
+
+
+def test_adaptive_coarse_guess_with_a_given_controller():
+    controller = dfx.PIDController(rtol=1e-8, atol=1e-8)
+    sol = _solve(coarse=pdyn.CoarseGuess(stepsize_controller=controller))
+    assert sol.result == dfx.RESULTS.successful
+    assert _iterations(sol) <= 3  # measured: 2
+    assert_close(sol.ys, _reference().ys)
+    assert int(sol.stats["num_coarse_steps"]) == int(
+        _adaptive_reference(1e-8).stats["num_steps"]
+    )
+
+
+@pytest.mark.parametrize(
+    "solver, coarse_steps, ceiling",
+    [
+        # Euler estimates no error: the uniform grid (67 steps), measured 5 its.
+        (dfx.Euler(), 67, 7),
+        # Heun at 1e-6 needs more adaptive steps than the budget of 134: the uniform
+        # grid's 67 steps are added. Measured: 4 iterations.
+        (dfx.Heun(), 134 + 67, 6),
+    ],
+    ids=["Euler", "Heun"],
+)
+def test_coarse_guess_falls_back_to_the_uniform_grid(solver, coarse_steps, ceiling):
+    sol = _solve(solver=solver)
+    assert sol.result == dfx.RESULTS.successful
+    assert _iterations(sol) <= ceiling
+    assert_close(sol.ys, _reference(solver).ys)
+    assert int(sol.stats["num_coarse_steps"]) == coarse_steps
+
+
+def test_automatic_tolerance():
+    assert automatic_tolerance(jnp.float64) == 1e-6
+    assert automatic_tolerance(jnp.float32) == pytest.approx(3.45e-4, rel=1e-2)
 
 
 def test_coarse_true_is_the_default_coarse_guess():
     a = _solve(coarse=True)
     b = _solve(coarse=pdyn.CoarseGuess())
-    np.testing.assert_array_equal(a.ys, b.ys)
-    assert _iterations(a) == _iterations(b)
+    c = _solve()
+    for other in (b, c):
+        np.testing.assert_array_equal(a.ys, other.ys)
+        assert _iterations(a) == _iterations(other)
+        assert int(a.stats["num_coarse_steps"]) == int(other.stats["num_coarse_steps"])
+    assert _iterations(_solve(coarse=False)) == _iterations(_solve(coarse=None)) == 14
 
 
 @pytest.mark.parametrize(
@@ -396,6 +468,14 @@ def test_bad_arguments(kwargs, error, match):
         (dict(factor=1), r"factor=.*>= 2"),
         (dict(factor=2.0), r"factor="),
         (dict(levels=0), r"levels=.*>= 1"),
+        (
+            dict(factor=4, stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3)),
+            r"uniform coarse grid",
+        ),
+        (
+            dict(levels=2, stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3)),
+            r"uniform coarse grid",
+        ),
     ],
 )
 def test_bad_coarse_guess(kwargs, match):
@@ -403,3 +483,6 @@ def test_bad_coarse_guess(kwargs, match):
         pdyn.CoarseGuess(**kwargs)
     with pytest.raises(TypeError, match=r"solver="):
         pdyn.CoarseGuess(solver="Heun")
+    for controller in ("pid", dfx.StepTo(jnp.linspace(0.0, 1.0, 3))):
+        with pytest.raises(TypeError, match=r"stepsize_controller="):
+            pdyn.CoarseGuess(stepsize_controller=controller)

@@ -171,13 +171,15 @@ ODES = {
 _CEILINGS = {"TrustDEER": 18, "QuasiTrustDEER": 38}
 
 
-def _ode(name, parallel):
+def _ode(name, parallel, coarse=None):
+    """From the constant initial guess unless a `coarse` guess is given."""
     vector_field, y0 = ODES[name]
     kwargs = dict(saveat=dfx.SaveAt(steps=True))
     term = dfx.ODETerm(vector_field)
     sol = pdyn.diffeqsolve(
-        term, dfx.Tsit5(), 0.0, 4.0, 0.02, y0, parallel=parallel, throw=False, **kwargs
-    )
+        term, dfx.Tsit5(), 0.0, 4.0, 0.02, y0,
+        parallel=parallel, coarse=coarse, throw=False, **kwargs,
+    )  # fmt: skip
     expected = dfx.diffeqsolve(
         term, dfx.Tsit5(), 0.0, 4.0, 0.02, y0, max_steps=200, **kwargs
     )
@@ -200,7 +202,7 @@ def test_converges_on_the_oscillators_in_few_iterations(name, solver):
 
 
 def test_is_the_default_of_diffeqsolve():
-    sol, expected = _ode("lotka_volterra", pdyn.TrustDEER())
+    sol, expected = _ode("lotka_volterra", pdyn.TrustDEER(), pdyn.CoarseGuess())
     vector_field, y0 = ODES["lotka_volterra"]
     default = pdyn.diffeqsolve(
         dfx.ODETerm(vector_field), dfx.Tsit5(), 0.0, 4.0, 0.02, y0,

@@ -68,8 +68,9 @@ _MAX_STEPS_MESSAGE = (
     "`max_steps` iterations (here `max_steps` counts iterations over the whole "
     "trajectory, not solver steps). `max_steps=None` allows as many iterations as there "
     "are steps, which always suffices. Chaotic or stiff dynamics converge slowly (see "
-    "`pdyn.lyapunov_exponent`): try `coarse=pdyn.CoarseGuess()` (a better initial "
-    "guess), `parallel=pdyn.TrustDEER()` if this was a quasi or damped solver, "
+    "`pdyn.lyapunov_exponent`): try a more accurate initial guess (`coarse="
+    "pdyn.CoarseGuess(stepsize_controller=diffrax.PIDController(rtol=1e-8, "
+    "atol=1e-8))`), `parallel=pdyn.TrustDEER()` if this was a quasi or damped solver, "
     "`parallel=pdyn.Sequential()`, or `diffrax.diffeqsolve`; pass `throw=False` to "
     "inspect the result."
 )
@@ -79,8 +80,9 @@ _NONFINITE_MESSAGE = (
     "solver) or in the iterates of the parallel solver (Newton's method from a poor "
     "initial guess on oscillating, stiff-nonlinear or chaotic dynamics). Try "
     "`parallel=pdyn.TrustDEER()` (the default) if this was another solver, a better "
-    "initial guess (`coarse=pdyn.CoarseGuess()`: a coarse sequential solve "
-    "interpolated onto the steps), a shorter interval, or "
+    "initial guess (the default `coarse=pdyn.CoarseGuess()`, or a more accurate "
+    "one: `coarse=pdyn.CoarseGuess(stepsize_controller=diffrax.PIDController("
+    "rtol=1e-8, atol=1e-8))`), a shorter interval, or "
     "`parallel=pdyn.Sequential()`; pass `throw=False` to inspect the result."
 )
 _FAILURES = (
@@ -106,7 +108,7 @@ def diffeqsolve(
     parallel: optx.AbstractRootFinder = TrustDEER(),
     max_steps: int | None = None,
     init: PyTree[ArrayLike] | None = None,
-    coarse: CoarseGuess | None = None,
+    coarse: CoarseGuess | bool | None = CoarseGuess(),
     steps_per_slice: int = 1,
     adjoint: optx.AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = True,
@@ -175,16 +177,17 @@ def diffeqsolve(
         always suffices. Keyword only.
     - `init`: an initial guess for the values $y_1, \\dots, y_N$ at the ends of the
         steps (the structure of `y0` with a leading axis $N$), e.g. the solution of a
-        nearby problem. Defaults to the `coarse` guess if one is given, else to $y_0$
-        everywhere. A given `init` is used as it is, and `coarse` is then ignored.
-        Keyword only.
-    - `coarse`: a [`parallel_dynamics.CoarseGuess`][] (or `True` for
-        `pdyn.CoarseGuess()`): the initial guess from a sequential solve on every
-        $k$-th time of the grid, interpolated onto the steps with the solver's dense
-        output ($k$ chosen from the number of steps unless given; optionally
-        multilevel). On oscillators and orbits it cuts Newton's iterations from tens
-        to two or three, at the price of $N / k$ sequential steps. `None` (default):
-        no coarse solve. Keyword only.
+        nearby problem. Defaults to the `coarse` guess, or to $y_0$ everywhere with
+        `coarse=None`. A given `init` is used as it is, and `coarse` is then
+        ignored. Keyword only.
+    - `coarse`: the [`parallel_dynamics.CoarseGuess`][] that makes the initial guess
+        (default `pdyn.CoarseGuess()`; `True` means the same): a sequential solve on a
+        coarser grid, interpolated onto the steps with the solver's dense output. By
+        default the coarse grid is chosen by an adaptive step size controller (for
+        ODEs with a solver that estimates its error), otherwise every $k$-th time of
+        the grid. On oscillators and orbits it cuts Newton's iterations from tens to
+        two or three, at the price of a few hundred sequential steps at most. `None`
+        (or `False`): no coarse solve, $y_0$ everywhere. Keyword only.
     - `steps_per_slice`: $m$, the number of steps grouped into one time slice
         (multiple shooting): the parallel solver solves for the states at the ends
         of the $\\lceil N/m \\rceil$ slices, each slice's step map running its $m$
@@ -209,10 +212,11 @@ def diffeqsolve(
     `num_rejected_steps` (0), `max_steps` (the iteration limit),
     `num_parallel_iterations` and `residual_norm` (of the recurrence at the returned
     trajectory; of the slices' recurrence with `steps_per_slice > 1`); with a
-    `coarse` guess also `coarse_factor` ($k$), `num_coarse_steps` (the sequential
-    steps of the coarsest level) and `coarse_parallel_iterations` (the iterations of
-    the parallel solves of the intermediate levels, coarsest first; empty for one
-    level).
+    `coarse` guess also `num_coarse_steps` (the sequential steps of the coarse solve:
+    of the coarsest level, or every step an adaptive solve tried) and
+    `coarse_parallel_iterations` (the iterations of the parallel solves of the
+    intermediate levels, coarsest first; empty for one level), and on a uniform
+    coarse grid `coarse_factor` ($k$).
 
     !!! Example
 

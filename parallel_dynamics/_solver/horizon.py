@@ -73,3 +73,13 @@ def continue_beyond(
     shifted = y + shift
     beyond = jnp.where(jnp.all(jnp.isfinite(shifted)), shifted, trusted)
     return jnp.where((times < horizon)[:, None], trial, beyond)
+
+
+def squared_residual_beyond(
+    residual: Inexact[Array, "T D"], horizon: Int[Array, ""]
+) -> Inexact[Array, ""]:
+    """$\\sum_{t \\geq \\text{horizon}} \\lVert F_t \\rVert^2$, infinite where any
+    term is not finite."""
+    beyond = (jnp.arange(residual.shape[0]) >= horizon)[:, None]
+    squares = jnp.where(beyond, residual**2, 0)
+    return jnp.where(jnp.all(jnp.isfinite(squares)), jnp.sum(squares), jnp.inf)

@@ -23,7 +23,7 @@ from .base import (
     first_unconverged,
     time_sharding_of,
 )
-from .horizon import continue_beyond, trusted_horizon
+from .horizon import continue_beyond, squared_residual_beyond, trusted_horizon
 from .newton import diagonal_jacobian, finite_or_zero
 
 
@@ -134,10 +134,18 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
         times = jnp.arange(length)
         finite_values = jnp.all(jnp.isfinite(values), axis=1)
         recurrence_finite = ~jnp.any((times == start) & ~finite_values)
-        new_y = continue_beyond(y, trial, horizon)
+        # Beyond the horizon: the trial or the continuation, whichever leaves the
+        # smaller residual there. From a good initial guess the trial is usually
+        # better (Newton converges although the residual grows somewhere on the way);
+        # from a poor one, where the trial has left the trajectory, the continuation.
+        continued = continue_beyond(y, trial, horizon)
+        trial_beyond = squared_residual_beyond(
+            trial_residual, horizon
+        ) < squared_residual_beyond(recurrence.residual(continued), horizon)
+        new_y = jnp.where(trial_beyond, trial, continued)
         accepted = recurrence_finite & all_finite(new_y)
         new_y = jnp.where(accepted, new_y, y)
-        full = recurrence_finite & (horizon == length)
+        full = recurrence_finite & ((horizon == length) | trial_beyond)
         diffsize = jnp.where(
             full, self.scaled_size(y, update), jnp.array(jnp.inf, y.dtype)
         )
