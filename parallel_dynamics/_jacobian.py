@@ -369,7 +369,11 @@ class ZeroJacobian(AbstractJacobian):
         return values, ZeroBlocks(length, size, previous.dtype)
 
 
-# The diagonal structures under their short names: aliases of the same classes.
 ExactDiagonal = ExactDiagonalJacobian
+"""An alias of [`parallel_dynamics.ExactDiagonalJacobian`][] (the same class)."""
+
 StochasticDiagonal = StochasticDiagonalJacobian
+"""An alias of [`parallel_dynamics.StochasticDiagonalJacobian`][] (the same class)."""
+
 DiagonalFunction = DiagonalFunctionJacobian
+"""An alias of [`parallel_dynamics.DiagonalFunctionJacobian`][] (the same class)."""
