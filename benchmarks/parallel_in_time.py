@@ -12,12 +12,15 @@ figure that predicts accelerator time when every parallel operation is one unit:
 
 - TrustDEER from the constant guess: iterations × ⌈log₂ N⌉ (one parallel scan per
   iteration);
-- TrustDEER from a coarse guess (`coarse=pdyn.CoarseGuess()`, k chosen
-  automatically): N / k coarse sequential steps + iterations × ⌈log₂ N⌉; with two
-  levels, the coarsest level's N / k² steps + the middle level's iterations ×
-  ⌈log₂ (N / k)⌉ + iterations × ⌈log₂ N⌉;
-- TrustDEER on time slices of m = k steps, from the coarse guess: N / k coarse
-  steps + iterations × (m + ⌈log₂ (N / m)⌉) + m (the slices' states filled in);
+- TrustDEER from the default coarse guess (`pdyn.CoarseGuess()`: an adaptive
+  Tsit5 solve): its steps (accepted and rejected) + iterations × ⌈log₂ N⌉;
+- TrustDEER from the uniform coarse grid (`stepsize_controller=
+  diffrax.ConstantStepSize()`, k chosen automatically): N / k coarse sequential
+  steps + iterations × ⌈log₂ N⌉; with two levels, the coarsest level's N / k²
+  steps + the middle level's iterations × ⌈log₂ (N / k)⌉ + iterations × ⌈log₂ N⌉;
+- TrustDEER on time slices of m = k steps, from the default coarse guess: its
+  coarse steps + iterations × (m + ⌈log₂ (N / m)⌉) + m (the slices' states filled
+  in);
 - Parareal (Lions, Maday, Turinici 2001) with the same coarse propagator (one
   Tsit5 step over each slice of k fine steps) and the fine one (k Tsit5 steps):
   N / k steps of the first coarse sweep + iterations × (k + N / k), a fine sweep in
@@ -65,14 +68,15 @@ from .convergence import ODE_PROBLEMS, result_name
 T1 = 20.0
 TOLERANCE = float(np.finfo(np.float64).eps ** 0.7)  # the solvers' float64 default
 SUSPECT_ERROR = 1e-6
-METHODS = (
-    "TrustDEER, constant guess",
-    "TrustDEER, coarse guess",
-    "TrustDEER, coarse guess, 2 levels",
-    "TrustDEER, slices m = k, coarse guess",
-    "Parareal, k",
-    "Parareal, k = ⌈√N⌉",
-)
+CONSTANT = "TrustDEER, constant guess"
+ADAPTIVE = "TrustDEER, coarse guess (default)"
+UNIFORM = "TrustDEER, uniform coarse grid, k"
+TWO_LEVELS = "TrustDEER, uniform coarse grid, 2 levels"
+SLICES = "TrustDEER, slices m = k, coarse guess"
+PARAREAL = "Parareal, k"
+PARAREAL_SQRT = "Parareal, k = ⌈√N⌉"
+METHODS = (CONSTANT, ADAPTIVE, UNIFORM, TWO_LEVELS, SLICES, PARAREAL, PARAREAL_SQRT)
+_UNIFORM_GRID = diffrax.ConstantStepSize()
 PARTS = ("odes", "against_n", "slices", "stiff")
 SLICE_PROBLEMS = ("Lotka-Volterra (1.5,1,3,1)", "Kepler e=0.5", "Kepler e=0.9")
 SLICE_SIZES = (1, 5, 20, 100, 400, 2000)
@@ -227,10 +231,11 @@ def ode_rows(label: str, steps: int) -> list[dict]:
     depth = log2_ceil(steps)
     coarse_steps = -(-steps // factor)
     configs = {
-        METHODS[0]: (None, 1),
-        METHODS[1]: (pdyn.CoarseGuess(), 1),
-        METHODS[2]: (pdyn.CoarseGuess(levels=2), 1),
-        METHODS[3]: (pdyn.CoarseGuess(), factor),
+        CONSTANT: (None, 1),
+        ADAPTIVE: (pdyn.CoarseGuess(), 1),
+        UNIFORM: (pdyn.CoarseGuess(stepsize_controller=_UNIFORM_GRID), 1),
+        TWO_LEVELS: (pdyn.CoarseGuess(levels=2), 1),
+        SLICES: (pdyn.CoarseGuess(), factor),
     }
     rows = []
     for method, (coarse, m) in configs.items():
@@ -243,18 +248,18 @@ def ode_rows(label: str, steps: int) -> list[dict]:
         iterations = int(stats["num_parallel_iterations"])
         name = result_name(result)
         sequential = int(stats.get("num_coarse_steps", 0))
-        if method == METHODS[0]:
+        if method == CONSTANT:
             span = iterations * depth
-        elif method == METHODS[1]:
+        elif method in (ADAPTIVE, UNIFORM):
             span = sequential + iterations * depth
-        elif method == METHODS[2]:
+        elif method == TWO_LEVELS:
             middle = [int(i) for i in np.asarray(stats["coarse_parallel_iterations"])]
             middle_depth = log2_ceil(coarse_steps)
             span = sequential + sum(middle) * middle_depth + iterations * depth
         else:
             span = sequential + iterations * (m + log2_ceil(coarse_steps)) + m
         extra = {"coarse_steps": sequential, "factor": factor}
-        if method == METHODS[2]:
+        if method == TWO_LEVELS:
             extra["coarse_parallel_iterations"] = middle
         rows.append(
             _row(
@@ -270,7 +275,7 @@ def ode_rows(label: str, steps: int) -> list[dict]:
                 **extra,
             )  # fmt: skip
         )
-    for method, k in ((METHODS[4], factor), (METHODS[5], math.isqrt(steps - 1) + 1)):
+    for method, k in ((PARAREAL, factor), (PARAREAL_SQRT, math.isqrt(steps - 1) + 1)):
         slices = -(-steps // k)
         value, iterations, done = _parareal_solve(field, steps, k)(y0, args)
         iterations = int(iterations)

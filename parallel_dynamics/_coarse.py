@@ -49,8 +49,8 @@ class CoarseGuess(eqx.Module):
     own interpolation, as `diffrax.SaveAt(ts=...)` uses) gives the guess at the end of
     every fine step. The coarse grid is one of:
 
-    - **adaptive** (the default for ODEs with a solver that estimates its error, such
-        as `diffrax.Tsit5()`): the steps a `diffrax.PIDController` chooses on
+    - **adaptive** (the default for ODEs with an explicit solver that estimates its
+        error, such as `diffrax.Tsit5()`): the steps a `diffrax.PIDController` chooses on
         $[t_0, t_N]$. It takes long steps where the solution is smooth and short ones
         where it is not (the periapsis of an eccentric orbit), so the guess is
         accurate everywhere at a small sequential cost. It may take twice as many
@@ -58,7 +58,8 @@ class CoarseGuess(eqx.Module):
         more (a low-order solver at a tight tolerance, stiffness), the uniform grid's
         guess is used instead.
     - **uniform** (`stepsize_controller=diffrax.ConstantStepSize()`, or a `factor`,
-        or `levels > 1`, and for SDEs and solvers without an error estimate): every
+        or `levels > 1`; the default for SDEs, implicit solvers and solvers without an
+        error estimate): every
         $k$-th time of the fine grid $t_0, \\dots, t_N$ (and $t_N$), $\\lceil N / k
         \\rceil$ steps of $k$ fine steps each (for `stepsize_controller=
         diffrax.StepTo(ts)` in the solve, every $k$-th of the given times). With
@@ -181,7 +182,10 @@ CoarseGuess.__init__.__doc__ = """**Arguments:**
     steps of `diffrax.PIDController(rtol=tol, atol=tol)` with
     $\\mathrm{tol} = \\max(10^{-6}, \\sqrt{\\varepsilon})$ for the state's dtype, when
     `factor` and `levels` are not given, the terms are ODE terms and the coarse solver
-    estimates its error; otherwise the uniform grid. An adaptive Diffrax controller
+    is explicit and estimates its error; otherwise the uniform grid. (On stiff
+    problems the uniform grid of an implicit solver gives the better guess: an
+    adaptive implicit solve at the default tolerance can give a guess from which
+    the iterates reach states where a step's root finder fails.) An adaptive Diffrax controller
     (e.g. `diffrax.PIDController(rtol=1e-4, atol=1e-7)`) always takes adaptive
     steps; `diffrax.ConstantStepSize()` always takes the uniform grid.
 """
@@ -223,7 +227,9 @@ def coarse_guess(
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
     controller = coarse.adaptive_controller(
         dtype,
-        _is_ode(step.terms) and _estimates_error(step, times, direction, y0, args),
+        _is_ode(step.terms)
+        and not step.implicit
+        and _estimates_error(step, times, direction, y0, args),
     )
     factor = coarse.factor_for(num_steps)
     level_iterations = []

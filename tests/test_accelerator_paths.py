@@ -24,7 +24,7 @@ import optimistix as optx
 import pytest
 
 import parallel_dynamics as pdyn
-from parallel_dynamics._linear_solver import scan as scan_solvers
+from parallel_dynamics._linear_solver import scan_solvers
 from parallel_dynamics._linear_solver.matrix_free import (
     default_matrix_free_chunk_size,
 )

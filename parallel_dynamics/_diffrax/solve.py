@@ -184,7 +184,8 @@ def diffeqsolve(
         (default `pdyn.CoarseGuess()`; `True` means the same): a sequential solve on a
         coarser grid, interpolated onto the steps with the solver's dense output. By
         default the coarse grid is chosen by an adaptive step size controller (for
-        ODEs with a solver that estimates its error), otherwise every $k$-th time of
+        ODEs with an explicit solver that estimates its error), otherwise every
+        $k$-th time of
         the grid. On oscillators and orbits it cuts Newton's iterations from tens to
         two or three, at the price of a few hundred sequential steps at most. `None`
         (or `False`): no coarse solve, $y_0$ everywhere. Keyword only.

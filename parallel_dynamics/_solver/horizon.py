@@ -64,15 +64,25 @@ def continue_beyond(
     can have grown huge beyond the horizon): then every later state is the last
     trusted one.
     """
-    times = jnp.arange(y.shape[0])
+    trusted = _state_at(trial, horizon - 1)
+    shifted = y + (trusted - _state_at(y, horizon - 1))
+    beyond = jnp.where(jnp.all(jnp.isfinite(shifted)), shifted, trusted)
+    return jnp.where((jnp.arange(y.shape[0]) < horizon)[:, None], trial, beyond)
+
+
+def hold_beyond(
+    trial: Inexact[Array, "T D"], horizon: Int[Array, ""]
+) -> Inexact[Array, "T D"]:
+    """The trial before `horizon`, and its last trusted state at every later time."""
+    trusted = _state_at(trial, horizon - 1)
+    return jnp.where((jnp.arange(trial.shape[0]) < horizon)[:, None], trial, trusted)
+
+
+def _state_at(trajectory: Inexact[Array, "T D"], index: Int[Array, ""]):
     # A masked sum rather than a dynamic index, which stays local when the time axis
     # is sharded across devices.
-    last = (times == horizon - 1)[:, None]
-    trusted = jnp.sum(jnp.where(last, trial, 0), axis=0, dtype=y.dtype)
-    shift = trusted - jnp.sum(jnp.where(last, y, 0), axis=0, dtype=y.dtype)
-    shifted = y + shift
-    beyond = jnp.where(jnp.all(jnp.isfinite(shifted)), shifted, trusted)
-    return jnp.where((times < horizon)[:, None], trial, beyond)
+    at = (jnp.arange(trajectory.shape[0]) == index)[:, None]
+    return jnp.sum(jnp.where(at, trajectory, 0), axis=0, dtype=trajectory.dtype)
 
 
 def squared_residual_beyond(
