@@ -2,6 +2,7 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import lineax as lx
@@ -71,8 +72,9 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
     3. but where the continuation's $\Phi$ exceeds the current iterate's (or it
         overflows), the last trusted state at every later time.
 
-    This costs one evaluation of the step more than DEER's per iteration. There is
-    no damping parameter.
+    This costs one evaluation of the step more than DEER's per iteration (the
+    residual at the trial), and one more in iterations whose horizon ends before $T$
+    (the residual at the continuation). There is no damping parameter.
 
     Where every Newton step decreases the residual on every interval this *is* DEER,
     with DEER's iteration counts. Where undamped Newton overflows or diverges
@@ -152,8 +154,11 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
         # (Newton converges although the residual grows somewhere on the way); from a
         # poor one, where the trial has left the trajectory, the continuation.
         continued = continue_beyond(y, trial, horizon)
-        continued_merit = squared_residual_beyond(
-            recurrence.residual(continued), horizon
+        # Only iterations whose horizon ends before T evaluate the continuation.
+        continued_merit = lax.cond(
+            horizon < length,
+            lambda: squared_residual_beyond(recurrence.residual(continued), horizon),
+            lambda: jnp.zeros((), y.dtype),
         )
         trial_beyond = (
             squared_residual_beyond(trial_residual, horizon) < continued_merit
@@ -257,7 +262,7 @@ class TrustDEER(AbstractTrustRegionNewton):
     orbits, unstable stretches) it converges in a number of iterations set by how far
     the linearisation reaches rather than by $T$. The robust default for dynamics you
     know nothing about, at DEER's cost per iteration ($O(T D^3)$ work, $O(T D^2)$
-    memory) plus one more evaluation of the step.
+    memory) plus one or two more evaluations of the step.
 
     !!! Example
 
