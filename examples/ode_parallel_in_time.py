@@ -5,9 +5,10 @@ Two problems, each solved with a Diffrax solver on a fixed grid, once sequential
 solver, the same steps, so the same discrete solution):
 
 1. **Lotka–Volterra** predator–prey dynamics with `diffrax.Tsit5()` over 100,000 steps
-   ($t \\in [0, 50]$, about seven periods). The parallel solves: DEER (Newton) from the
-   default initial guess ($y_0$ at every step), DEER started from a cheap coarse
-   sequential solve (100x fewer steps, interpolated), and the default quasi-DEER. The
+   ($t \\in [0, 50]$, about seven periods). The parallel solves: DEER (Newton) from
+   $y_0$ at every step (`coarse=None`), DEER started from a cheap coarse sequential
+   solve made by hand (100x fewer steps, interpolated), the default (TrustDEER from
+   `pdyn.diffeqsolve`'s own adaptive coarse guess) and quasi-DEER from $y_0$. The
    Lyapunov exponent along the trajectory is printed too: it is ~0 (a periodic orbit,
    neither contracting nor chaotic).
 2. A **stiff** problem: a nonlinear heat equation (method of lines, 16 points) with
@@ -125,10 +126,11 @@ def lv_coarse_guess(y0):
 
 
 @eqx.filter_jit
-def lv_parallel(parallel, init=None, max_steps=None):
+def lv_parallel(parallel, init=None, max_steps=None, coarse=None):
+    """From `init`, else from the `coarse` guess, else from $y_0$ at every step."""
     return pdyn.diffeqsolve(
         LV_TERM, dfx.Tsit5(), 0.0, LV_T1, LV_DT, LV_Y0, LV_ARGS, saveat=STEPS,
-        parallel=parallel, init=init, max_steps=max_steps, throw=False,
+        parallel=parallel, init=init, max_steps=max_steps, coarse=coarse, throw=False,
     )  # fmt: skip
 
 
@@ -142,7 +144,10 @@ def lotka_volterra_example():
     solves = {
         "DEER": lambda: lv_parallel(deer),
         "DEER, coarse init": lambda: lv_parallel(deer, lv_coarse_guess(LV_Y0)),
-        "QuasiDEER (the default)": lambda: lv_parallel(quasi_deer),
+        "TrustDEER + CoarseGuess (default)": lambda: lv_parallel(
+            pdyn.TrustDEER(), coarse=pdyn.CoarseGuess()
+        ),
+        "QuasiDEER": lambda: lv_parallel(quasi_deer),
     }
     seconds = timed(lambda: lv_sequential(LV_Y0).ys, *solves.values())
     rows = []
