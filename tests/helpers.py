@@ -111,3 +111,16 @@ ZOO = {
     "lstm": lstm,
     "contracting": contracting,
 }
+
+
+def robertson(t, y, args):
+    """Robertson's stiff chemical kinetics (rates 0.04, 1e4, 3e7), a Diffrax vector
+    field."""
+    y1, y2, y3 = y
+    return jnp.stack(
+        [
+            -0.04 * y1 + 1e4 * y2 * y3,
+            0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2,
+            3e7 * y2**2,
+        ]
+    )

@@ -24,6 +24,8 @@ from parallel_dynamics._coarse import (
     coarse_indices,
 )
 
+from .helpers import robertson
+
 
 RTOL = 1e-9
 
@@ -357,17 +359,6 @@ def test_sde_with_a_coarse_guess_and_slices():
 _ROOT_FINDER = optx.Newton(rtol=1e-12, atol=1e-12)
 
 
-def _robertson(t, y, args):
-    y1, y2, y3 = y
-    return jnp.stack(
-        [
-            -0.04 * y1 + 1e4 * y2 * y3,
-            0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2,
-            3e7 * y2**2,
-        ]
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "solver",
@@ -377,11 +368,11 @@ def _robertson(t, y, args):
     ],
     ids=["ImplicitEuler", "Kvaerno5"],
 )
-def test_robertson_on_a_geometric_grid(solver):
+def testrobertson_on_a_geometric_grid(solver):
     ts = jnp.concatenate([jnp.zeros(1), jnp.geomspace(1e-5, 1e5, 60)])
     kwargs = dict(stepsize_controller=dfx.StepTo(ts), saveat=STEPS)
     y0 = jnp.array([1.0, 0.0, 0.0])
-    term = dfx.ODETerm(_robertson)
+    term = dfx.ODETerm(robertson)
     expected = dfx.diffeqsolve(term, solver, 0.0, 1e5, None, y0, max_steps=60, **kwargs)
     for coarse in (None, pdyn.CoarseGuess(factor=4)):
         sol = pdyn.diffeqsolve(

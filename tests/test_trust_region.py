@@ -18,7 +18,7 @@ from parallel_dynamics._solver.horizon import (
     trusted_horizon,
 )
 
-from .helpers import gru, lorenz96_rk4, scan_reference, tree_allclose, ZOO
+from .helpers import gru, lorenz96_rk4, robertson, scan_reference, tree_allclose, ZOO
 
 
 # --- the horizon and the continuation -------------------------------------------------
@@ -245,17 +245,6 @@ def test_takes_newtons_iterations_from_a_good_guess():
     assert iterations["TrustDEER"] <= iterations["DEER"]
 
 
-def _robertson(t, y, args):
-    y1, y2, y3 = y
-    return jnp.stack(
-        [
-            -0.04 * y1 + 1e4 * y2 * y3,
-            0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2,
-            3e7 * y2**2,
-        ]
-    )
-
-
 def test_stiff_kinetics_with_implicit_euler():
     # Robertson's kinetics, 400 implicit Euler steps on a geometric grid to t = 1e5.
     # Continuing a shifted iterate beyond the horizon can send the states far off
@@ -266,7 +255,7 @@ def test_stiff_kinetics_with_implicit_euler():
     ts = jnp.concatenate([jnp.zeros(1), jnp.geomspace(1e-6, 1e5, 400)])
     solver = dfx.ImplicitEuler(root_finder=optx.Newton(rtol=1e-10, atol=1e-10))
     kwargs = dict(stepsize_controller=dfx.StepTo(ts), saveat=dfx.SaveAt(steps=True))
-    term, y0 = dfx.ODETerm(_robertson), jnp.array([1.0, 0.0, 0.0])
+    term, y0 = dfx.ODETerm(robertson), jnp.array([1.0, 0.0, 0.0])
     expected = dfx.diffeqsolve(
         term, solver, 0.0, 1e5, None, y0, max_steps=400, **kwargs
     ).ys
