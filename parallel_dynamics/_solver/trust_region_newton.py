@@ -61,15 +61,15 @@ class AbstractTrustRegionNewton(AbstractRecurrenceSolver):
     falls below $\\rho_{\\min}$ (`min_ratio`, default 0) and the trial does not
     satisfy the recurrence to tolerance at $s$ (on the scale of the current iterate).
     Up to that horizon the trial is taken. Beyond it the new iterate is, with
-    $\Phi$ the sum of $\lVert F_t \rVert^2$ over the times from the horizon on:
+    $\\Phi$ the sum of $\\lVert F_t \\rVert^2$ over the times from the horizon on:
 
-    1. the trial, where its $\Phi$ is smaller than the continuation's: from a good
+    1. the trial, where its $\\Phi$ is smaller than the continuation's: from a good
         initial guess Newton's step converges although its residual grows somewhere
         on the way;
     2. otherwise the continuation, the current iterate shifted by the correction at
         the last trusted state, so that the next linearisation beyond the horizon is
         taken around where the trajectory has got to, not around the initial guess;
-    3. but where the continuation's $\Phi$ exceeds the current iterate's (or it
+    3. but where the continuation's $\\Phi$ exceeds the current iterate's (or it
         overflows), the last trusted state at every later time.
 
     This costs one evaluation of the step more than DEER's per iteration (the
