@@ -294,7 +294,10 @@ def coarse_guess(
             y0,
             args,
             max_steps=adaptive_budget(num_steps),
-            fallback=lambda: (trajectory_on(times, 1), stats["num_coarse_steps"]),
+            fallback=lambda: (
+                trajectory_on(times, 1),
+                jnp.array(coarse_indices(num_steps, factor).size - 1),
+            ),
         )
     guess = trajectory_on(times, 1)
     stats["coarse_parallel_iterations"] = (
