@@ -65,6 +65,7 @@ from ._solver import (
     Jacobi as Jacobi,
     LevenbergMarquardt as LevenbergMarquardt,
     Newton as Newton,
+    NonmonotoneDamping as NonmonotoneDamping,
     Picard as Picard,
     QuasiDEER as QuasiDEER,
     QuasiELK as QuasiELK,

@@ -12,6 +12,10 @@ import parallel_dynamics as pdyn
 from .helpers import gru, lorenz96_rk4, lstm, scan_reference, tree_allclose
 
 
+# The merits at the iterate and at the trial: only NonmonotoneDamping reads them.
+MERITS = (jnp.array(1.0), jnp.array(1.0))
+
+
 def _rel_err(x, ref):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return np.max(np.abs(x - ref)) / np.max(np.abs(ref))
@@ -111,7 +115,11 @@ def test_first_elk_iteration_is_the_damped_least_squares_step():
     step, y0, dt, Y = _l96_problem()
     T, D = Y.shape
     damping = 0.5
-    solver = pdyn.ELK(damping=pdyn.FixedDamping(damping))
+    solver = pdyn.ELK(
+        damping=pdyn.FixedDamping(damping),
+        linear_solver=pdyn.KalmanSmoother(),
+        jacobi_start=False,
+    )
     sol = pdyn.solve(
         step, solver, y0, None, dt, length=T, init=Y, max_steps=1, throw=False
     )
@@ -135,14 +143,14 @@ def test_adaptive_damping_follows_nielsen():
     assert float(damping) == 2.0 and float(memory) == 2.0
     # A perfect step (ratio 1) divides by three; a poor but accepted one (ratio 0.1)
     # multiplies by 1 - (2 * 0.1 - 1)^3 = 1.512.
-    accept, new, new_memory = rule.update(damping, memory, jnp.array(1.0))
+    accept, new, new_memory = rule.update(damping, memory, jnp.array(1.0), *MERITS)
     assert bool(accept) and np.isclose(float(new), 2 / 3)
-    accept, new, _ = rule.update(damping, memory, jnp.array(0.1))
+    accept, new, _ = rule.update(damping, memory, jnp.array(0.1), *MERITS)
     assert bool(accept) and np.isclose(float(new), 2 * 1.512)
     # Rejections multiply by ν, which doubles each time.
-    accept, new, new_memory = rule.update(damping, memory, jnp.array(-1.0))
+    accept, new, new_memory = rule.update(damping, memory, jnp.array(-1.0), *MERITS)
     assert not bool(accept) and float(new) == 4.0 and float(new_memory) == 4.0
-    accept, new, new_memory = rule.update(new, new_memory, jnp.array(-jnp.inf))
+    accept, new, new_memory = rule.update(new, new_memory, jnp.array(-jnp.inf), *MERITS)
     assert not bool(accept) and float(new) == 16.0 and float(new_memory) == 8.0
 
 

@@ -23,6 +23,10 @@ from parallel_dynamics._solver.levenberg_marquardt.stopping import (
 )
 
 
+# The merits at the iterate and at the trial: only NonmonotoneDamping reads them.
+MERITS = (jnp.array(1.0), jnp.array(1.0))
+
+
 def _dense_bidiagonal(blocks: np.ndarray) -> np.ndarray:
     """The (TD × TD) matrix of the block bidiagonal operator with subdiagonal blocks
     `-blocks[1:]` (the first block is not coupled to anything)."""
@@ -41,7 +45,7 @@ def test_fixed_damping_accepts_every_step_and_keeps_lambda():
     damping, memory = pdyn.FixedDamping(1e-3).init(jnp.float64)
     for ratio in (-1.0, 0.0, 0.5, 1.0):
         accept, new_damping, new_memory = pdyn.FixedDamping(1e-3).update(
-            damping, memory, jnp.array(ratio)
+            damping, memory, jnp.array(ratio), *MERITS
         )
         assert bool(accept)
         assert float(new_damping) == 1e-3
@@ -55,7 +59,9 @@ def test_fixed_damping_accepts_every_step_and_keeps_lambda():
 def test_adaptive_damping_shrinks_by_nielsens_factor_on_acceptance(ratio, factor):
     rule = pdyn.AdaptiveDamping(initial=2.0)
     damping, memory = rule.init(jnp.float64)
-    accept, new_damping, new_memory = rule.update(damping, memory, jnp.array(ratio))
+    accept, new_damping, new_memory = rule.update(
+        damping, memory, jnp.array(ratio), *MERITS
+    )
     assert bool(accept)
     assert float(new_damping) == pytest.approx(2.0 * min(max(factor, 1 / 3), 2.0))
     assert float(new_memory) == 2.0
@@ -66,16 +72,71 @@ def test_adaptive_damping_grows_ever_faster_on_rejection():
     damping, memory = rule.init(jnp.float64)
     dampings = []
     for _ in range(4):
-        accept, damping, memory = rule.update(damping, memory, jnp.array(-1.0))
+        accept, damping, memory = rule.update(damping, memory, jnp.array(-1.0), *MERITS)
         assert not bool(accept)
         dampings.append(float(damping))
     # ν doubles after every rejection: λ is multiplied by 2, 4, 8, 16.
     assert dampings == [2.0, 8.0, 64.0, 1e3]
-    accept, damping, memory = rule.update(damping, memory, jnp.array(1e-5))
+    accept, damping, memory = rule.update(damping, memory, jnp.array(1e-5), *MERITS)
     assert not bool(accept)  # below `accept_ratio`
 
 
 # --- the trust region in time ----------------------------------------------------
+
+
+def _nonmonotone_update(ratio, merit, trial_merit, lowest=np.inf, damping=1e-3):
+    rule = pdyn.NonmonotoneDamping()
+    return rule.update(
+        jnp.array(damping),
+        jnp.array(lowest),
+        jnp.array(ratio),
+        jnp.array(merit),
+        jnp.array(trial_merit),
+    )
+
+
+@pytest.mark.parametrize(
+    "ratio, trial_merit, accepted, factor",
+    [
+        (0.5, 0.5, True, 1 / 2),  # lower merit: halve
+        (0.95, 0.05, True, 1 / 100),  # the model is right: collapse
+        (-1.0, 2.5, True, 1.0),  # a bounded increase is taken, damping kept
+        (-1.0, 3.5, False, 10.0),  # beyond `max_increase`: rejected
+        (-jnp.inf, jnp.inf, False, 10.0),  # non-finite trial
+    ],
+)
+def test_nonmonotone_damping_accepts_bounded_increases(
+    ratio, trial_merit, accepted, factor
+):
+    accept, damping, lowest = _nonmonotone_update(ratio, 1.0, trial_merit)
+    assert bool(accept) is accepted
+    np.testing.assert_allclose(float(damping), 1e-3 * factor, rtol=1e-12)
+    assert float(lowest) == (min(1.0, trial_merit) if accepted else 1.0)
+
+
+def test_nonmonotone_damping_rejects_an_excursion_from_the_lowest_merit():
+    # Each step only doubles the merit, but the iterates have run away from the
+    # lowest merit reached.
+    accept, damping, lowest = _nonmonotone_update(-1.0, 600.0, 1200.0, lowest=1.0)
+    assert not bool(accept)
+    assert float(damping) == pytest.approx(1e-2)
+    assert float(lowest) == 1.0
+    accept, _, _ = _nonmonotone_update(-1.0, 400.0, 800.0, lowest=1.0)
+    assert bool(accept)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(initial=0.0),
+        dict(initial=10.0, max_damping=1.0),
+        dict(max_increase=0.5),
+        dict(decrease=float("inf")),
+    ],
+)
+def test_nonmonotone_damping_checks_its_arguments(kwargs):
+    with pytest.raises(ValueError):
+        pdyn.NonmonotoneDamping(**kwargs)
 
 
 def test_time_window_covers_the_times_after_the_first_unconverged_state():

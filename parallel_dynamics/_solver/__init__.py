@@ -7,6 +7,7 @@ from .levenberg_marquardt import (
     ELK as ELK,
     FixedDamping as FixedDamping,
     LevenbergMarquardt as LevenbergMarquardt,
+    NonmonotoneDamping as NonmonotoneDamping,
     QuasiELK as QuasiELK,
     TimeWindow as TimeWindow,
 )

@@ -7,6 +7,7 @@ from .damping import (
     AbstractDamping as AbstractDamping,
     AdaptiveDamping as AdaptiveDamping,
     FixedDamping as FixedDamping,
+    NonmonotoneDamping as NonmonotoneDamping,
 )
 from .solver import (
     AbstractLevenbergMarquardt as AbstractLevenbergMarquardt,

@@ -15,9 +15,10 @@ class AbstractDamping(eqx.Module):
     """How the Levenberg–Marquardt damping $\\lambda$ evolves and which steps are
     accepted.
 
-    `accepts_every_step` says that the strategy never rejects a finite step, so
-    rejections cannot signal the rounding floor: the stopping test then counts every
-    step that does not improve the merit, verification steps included.
+    `accepts_every_step` says that the strategy accepts finite steps that do not
+    decrease the merit, so rejections cannot signal the rounding floor: the stopping
+    test then counts every step that does not improve the merit, verification steps
+    included.
     """
 
     accepts_every_step: ClassVar[bool] = False
@@ -28,11 +29,18 @@ class AbstractDamping(eqx.Module):
 
     @abc.abstractmethod
     def update(
-        self, damping: Scalar, memory: Scalar, ratio: Scalar
+        self,
+        damping: Scalar,
+        memory: Scalar,
+        ratio: Scalar,
+        merit: Scalar,
+        trial_merit: Scalar,
     ) -> tuple[Bool[Array, ""], Scalar, Scalar]:
         """Given the ratio $\\rho$ of actual to predicted decrease of $\\lVert F\\rVert^2$
-        for a finite trial step, whether to accept it, the next damping and the next
-        state."""
+        for a trial step ($-\\infty$ where the trial is not finite), and
+        $\\lVert F \\rVert^2$ over the step's window at the current iterate (`merit`)
+        and at the trial (`trial_merit`), whether to accept it, the next damping and
+        the next state."""
 
 
 class FixedDamping(AbstractDamping):
@@ -54,8 +62,8 @@ class FixedDamping(AbstractDamping):
     def init(self, dtype):
         return jnp.array(self.damping, dtype), jnp.array(1.0, dtype)
 
-    def update(self, damping, memory, ratio):
-        del ratio
+    def update(self, damping, memory, ratio, merit, trial_merit):
+        del ratio, merit, trial_merit
         return jnp.array(True), damping, memory
 
 
@@ -91,7 +99,8 @@ class AdaptiveDamping(AbstractDamping):
     def init(self, dtype):
         return jnp.array(self.initial, dtype), jnp.array(2.0, dtype)
 
-    def update(self, damping, memory, ratio):
+    def update(self, damping, memory, ratio, merit, trial_merit):
+        del merit, trial_merit
         accept = ratio > self.accept_ratio
         tiny = np.finfo(damping.dtype).tiny ** 0.5
         shrink = jnp.maximum(1 / 3, 1 - (2 * ratio - 1) ** 3)
@@ -99,6 +108,76 @@ class AdaptiveDamping(AbstractDamping):
         new_damping = jnp.clip(new_damping, tiny, self.max_damping)
         new_memory = jnp.where(accept, 2.0, jnp.minimum(2 * memory, 2.0**30))
         return accept, new_damping, new_memory.astype(memory.dtype)
+
+
+class NonmonotoneDamping(AbstractDamping):
+    """Damping for steps that must be allowed to increase the merit on the way: accept
+    a finite trial when its $\\lVert F \\rVert^2$ over the window is at most
+    `max_increase` times the current iterate's and at most `max_excursion` times the
+    smallest merit accepted so far; then $\\lambda \\leftarrow \\lambda /$
+    `decrease` if the merit went down ($\\lambda \\leftarrow \\lambda / 100$ if
+    moreover $\\rho >$ `good_ratio`: the linear model is right, so the damping
+    collapses), and $\\lambda$ is kept if it went up. A rejected trial multiplies
+    $\\lambda$ by `increase`.
+
+    This is the damping of the causal (Kalman filter) step on long nearly neutral
+    maps. There the merit is dominated by the residuals far ahead of the converged
+    part, which are meaningless until the states before them have converged: a step
+    that corrects the early states moves every later one and can raise
+    $\\lVert F \\rVert^2$ several-fold while the error of the trajectory falls. A
+    monotone rule (Nielsen's, [`parallel_dynamics.AdaptiveDamping`][]) rejects those
+    steps and stalls; no rule at all ([`parallel_dynamics.FixedDamping`][]) needs
+    $\\lambda$ tuned by hand, because below a problem-dependent value the iterates
+    run away (the merit grows by orders of magnitude within a few steps). This rule
+    lets the damping fall geometrically towards Newton's method until the iterates
+    start to run away, and catches that at the first step.
+    """
+
+    accepts_every_step: ClassVar[bool] = True
+
+    initial: float = 1e-3
+    max_increase: float = 3.0
+    max_excursion: float = 1e3
+    decrease: float = 2.0
+    increase: float = 10.0
+    good_ratio: float = 0.9
+    max_damping: float = 1e16
+
+    def __check_init__(self):
+        if not 0 < self.initial <= self.max_damping < np.inf:
+            raise ValueError(
+                "`initial` and `max_damping` must satisfy 0 < initial <= max_damping "
+                f"< inf, got {self.initial} and {self.max_damping}."
+            )
+        for name in ("max_increase", "max_excursion", "decrease", "increase"):
+            if not 1 <= getattr(self, name) < np.inf:
+                raise ValueError(
+                    f"`{name}` must be at least 1 and finite, got "
+                    f"{getattr(self, name)}."
+                )
+
+    def init(self, dtype):
+        # The state is the smallest merit accepted so far.
+        return jnp.array(self.initial, dtype), jnp.array(jnp.inf, dtype)
+
+    def update(self, damping, memory, ratio, merit, trial_merit):
+        lowest = jnp.minimum(memory, merit)
+        accept = (
+            (ratio > -jnp.inf)
+            & (trial_merit <= self.max_increase * merit)
+            & (trial_merit <= self.max_excursion * lowest)
+        )
+        went_down = trial_merit < merit
+        shrink = jnp.where(ratio > self.good_ratio, 100.0, self.decrease)
+        new_damping = jnp.where(
+            accept,
+            jnp.where(went_down, damping / shrink, damping),
+            damping * self.increase,
+        )
+        tiny = np.finfo(damping.dtype).tiny ** 0.5
+        new_damping = jnp.clip(new_damping, tiny, self.max_damping)
+        new_memory = jnp.where(accept, jnp.minimum(lowest, trial_merit), lowest)
+        return accept, new_damping.astype(damping.dtype), new_memory
 
 
 FixedDamping.__init__.__doc__ = """**Arguments:**
@@ -110,5 +189,17 @@ AdaptiveDamping.__init__.__doc__ = """**Arguments:**
 - `initial`: the initial damping $\\lambda_0$.
 - `accept_ratio`: the smallest ratio $\\rho$ of actual to predicted decrease for which a
     step is accepted.
+- `max_damping`: the largest damping (the damping is clipped there).
+"""
+NonmonotoneDamping.__init__.__doc__ = """**Arguments:**
+
+- `initial`: the initial damping $\\lambda_0$.
+- `max_increase`: the largest factor by which an accepted step may increase the merit.
+- `max_excursion`: the largest factor by which an accepted step's merit may exceed the
+    smallest merit accepted so far.
+- `decrease`: the factor by which a step that lowers the merit divides $\\lambda$.
+- `increase`: the factor by which a rejected step multiplies $\\lambda$.
+- `good_ratio`: the gain ratio above which a step that lowers the merit divides
+    $\\lambda$ by 100.
 - `max_damping`: the largest damping (the damping is clipped there).
 """

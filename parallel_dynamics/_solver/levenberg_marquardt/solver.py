@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 from ..._blocks import mask_time
 from ..._jacobian import AbstractJacobian, DenseJacobian
 from ..._linear_solver.sharding import TimeSharding
-from ..._linear_solver.smoother import KalmanSmoother
+from ..._linear_solver.smoother import KalmanFilter, KalmanSmoother
 from ..._operator import BlockBidiagonalOperator
 from ..base import (
     AbstractRecurrenceSolver,
@@ -24,7 +24,7 @@ from ..base import (
     time_sharding_of,
 )
 from ..newton import diagonal_jacobian
-from .damping import AbstractDamping, AdaptiveDamping
+from .damping import AbstractDamping, AdaptiveDamping, NonmonotoneDamping
 from .gain_ratio import gain_ratio
 from .linear_step import damped_step, newton_step
 from .stopping import init_stopping, StoppingState, update_stopping, verifies
@@ -88,14 +88,25 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
 
     with $L$ the block bidiagonal operator of the blocks $A_t \\approx J_t$ (the
     `jacobian` structure), and proposes $Y - \\Delta$. That is the posterior mean of a
-    linear-Gaussian state-space model, so the step is a Kalman smoother
+    linear-Gaussian state-space model, so the exact step is a Kalman smoother
     ([`parallel_dynamics.KalmanSmoother`][]) — parallel over time, and finite even
     where the undamped (DEER) scan overflows, because the damping bounds the filter.
+    The causal step, the filtered mean of the same model
+    ([`parallel_dynamics.KalmanFilter`][]), is the one the ELK paper's reference code
+    takes.
 
-    A trial step is accepted or rejected by the ratio $\\rho$ of the actual decrease of
-    $\\lVert F \\rVert^2$ to the decrease the linear model predicts, and the damping
-    adapts (`damping`, [`parallel_dynamics.AdaptiveDamping`][] by default). A trial
-    with non-finite values is always rejected, so the iterate stays finite.
+    A trial step is accepted or rejected by the `damping` strategy, from the merit
+    $\\lVert F \\rVert^2$ at the trial and the ratio $\\rho$ of its actual decrease to
+    the decrease the linear model predicts, and the damping adapts. A trial with
+    non-finite values is always rejected, so the iterate stays finite.
+
+    **The first iteration** (`jacobi_start`) is a Jacobi sweep, $y_t \\leftarrow
+    f(y_{t-1}, x_t)$ at every $t$ in parallel, where that lowers the merit. From the
+    default initial guess ($y_0$ at every time) this carries each step's input, so
+    the first linearisations are taken around states the inputs have already moved:
+    on a map driven by noise from a state far from its typical one (the AR-GRU's seed
+    3 starts at $x = -3$) the damped steps from the constant guess run away, and from
+    the sweep they converge.
 
     **Time windows and the prefix guarantee.** On long chaotic or nearly neutral
     trajectories $\\lVert F \\rVert^2$ is so ill-conditioned that plain
@@ -126,17 +137,20 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
     solve fails with `RESULTS.nonfinite` when the step is non-finite after the
     converged prefix, where the recurrence's own trajectory is.
 
-    **The step.** `linear_solver=`[`parallel_dynamics.KalmanSmoother`][] (default)
-    takes the exact Levenberg–Marquardt step of the window.
-    [`parallel_dynamics.KalmanFilter`][] takes the causal step of the ELK paper's
-    reference code instead (not a least-squares solution, but on long nearly neutral
-    or chaotic problems often faster to converge, and half the work).
+    **The step.** [`parallel_dynamics.KalmanFilter`][] takes the causal step: not a
+    least-squares solution, but on long nearly neutral or chaotic problems much faster
+    to converge, and half the work, because corrections are carried forward in time
+    only (the smoother's backward pass lets the meaningless residuals far ahead pull
+    on states that are already nearly right).
+    [`parallel_dynamics.KalmanSmoother`][] takes the exact Levenberg–Marquardt step
+    of the window.
     """
 
     jacobian: eqx.AbstractVar[AbstractJacobian]
     damping: eqx.AbstractVar[AbstractDamping]
     linear_solver: eqx.AbstractVar[lx.AbstractLinearSolver]
     window: eqx.AbstractVar[TimeWindow]
+    jacobi_start: eqx.AbstractVar[bool]
     verbose: eqx.AbstractVar[bool]
 
     @property
@@ -171,6 +185,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             recurrence, recurrence.previous(y), state.step
         )
         residual = y - values
+        merit = jnp.sum(residual**2)
         start = first_unconverged(self.defect(y, residual))
         all_converged = start == length
         newton = verifies(state.stopping, all_converged)
@@ -208,17 +223,25 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         finite = all_finite(
             jnp.where(in_window, trial, 0), jnp.where(in_window, trial_residual, 0)
         )
+        window_merit = jnp.sum(jnp.where(in_window, residual, 0) ** 2)
+        trial_window_merit = jnp.sum(jnp.where(in_window, trial_residual, 0) ** 2)
         accept, new_damping, memory = self.damping.update(
-            state.damping, state.damping_memory, jnp.where(finite, ratio, -jnp.inf)
+            state.damping,
+            state.damping_memory,
+            jnp.where(finite, ratio, -jnp.inf),
+            window_merit,
+            jnp.where(finite, trial_window_merit, jnp.inf),
         )
         accept = accept & finite
         trial_defect = self.defect(trial, trial_residual)
         trial_defect = jnp.where(jnp.isfinite(trial_defect), trial_defect, jnp.inf)
         trial_start = first_unconverged(trial_defect)
         # Near the solution the decrease of the merit is lost in rounding and the ratio
-        # says nothing; a verification step that keeps every defect below tolerance is
-        # taken, and leaves the damping as it was.
-        accept = accept | (newton & finite & (trial_start == length))
+        # says nothing; a verification step is taken where it keeps every defect below
+        # tolerance or lowers the merit (whatever the damping strategy would allow),
+        # and leaves the damping as it was.
+        verified = (trial_start == length) | (trial_window_merit < window_merit)
+        accept = jnp.where(newton, finite & verified, accept)
         new_damping = jnp.where(newton, state.damping, new_damping)
         memory = jnp.where(newton, state.damping_memory, memory)
         # A rejected damped trial still contributes its converged prefix (at least
@@ -258,6 +281,27 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             damping_memory=memory,
             result=result,
         )
+        if self.jacobi_start:
+            # The first iteration is a Jacobi sweep, y_t <- f(y_{t-1}, x_t) at every t,
+            # where that lowers the merit: from a constant initial guess it carries each
+            # step's input, and the first linearisations are taken around it.
+            jacobi_residual = jax.lax.cond(
+                state.step == 0,
+                lambda: recurrence.residual(values),
+                lambda: jnp.full_like(residual, jnp.inf),
+            )
+            jacobi = all_finite(values, jacobi_residual) & (
+                jnp.sum(jacobi_residual**2) < merit
+            )
+            new_y = jnp.where(jacobi, values, new_y)
+            jacobi_state = eqx.tree_at(
+                lambda s: (s.step, s.residual_norm),
+                state,
+                (state.step + 1, self.norm(jacobi_residual)),
+            )
+            new_state = jtu.tree_map(
+                lambda a, b: jnp.where(jacobi, a, b), jacobi_state, new_state
+            )
         if self.verbose:
             _print_progress(type(self).__name__, new_state, newton, accept, ratio)
         return new_y, new_state, None
@@ -293,17 +337,21 @@ class LevenbergMarquardt(AbstractLevenbergMarquardt):
     atol: float | None = None
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     jacobian: AbstractJacobian = DenseJacobian()
-    damping: AbstractDamping = AdaptiveDamping()
-    linear_solver: lx.AbstractLinearSolver = KalmanSmoother()
+    damping: AbstractDamping = NonmonotoneDamping()
+    linear_solver: lx.AbstractLinearSolver = KalmanFilter()
     window: TimeWindow = TimeWindow()
+    jacobi_start: bool = True
     verbose: bool = False
 
 
 class ELK(AbstractLevenbergMarquardt):
     """ELK (Gonzalez et al., NeurIPS 2024): Levenberg–Marquardt on the trajectory with
-    the dense Jacobian blocks, each step an exact parallel Kalman smoother, and the
-    damping adapted by [`parallel_dynamics.AdaptiveDamping`][] (pass
-    `damping=pdyn.FixedDamping(λ)` for the paper's fixed damping).
+    the dense Jacobian blocks. Each step is the causal one of the paper's reference
+    code, a parallel Kalman filter ([`parallel_dynamics.KalmanFilter`][]), with the
+    damping adapted by [`parallel_dynamics.NonmonotoneDamping`][] instead of fixed by
+    hand (pass `damping=pdyn.FixedDamping(λ)` for the paper's fixed damping, and
+    `linear_solver=pdyn.KalmanSmoother(), damping=pdyn.AdaptiveDamping()` for the
+    textbook Levenberg–Marquardt step and damping).
 
     Stable where DEER overflows (unstable and chaotic maps, long sequences); $O(T D^3)$
     work and $O(T D^2)$ memory per step. As $\\lambda \\to 0$ it becomes DEER.
@@ -323,9 +371,10 @@ class ELK(AbstractLevenbergMarquardt):
     rtol: float | None = None
     atol: float | None = None
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    damping: AbstractDamping = AdaptiveDamping()
-    linear_solver: lx.AbstractLinearSolver = KalmanSmoother()
+    damping: AbstractDamping = NonmonotoneDamping()
+    linear_solver: lx.AbstractLinearSolver = KalmanFilter()
     window: TimeWindow = TimeWindow()
+    jacobi_start: bool = True
     verbose: bool = False
 
     @property
@@ -338,6 +387,11 @@ class QuasiELK(AbstractLevenbergMarquardt):
     of the Jacobian, each step $D$ independent scalar Kalman smoothers: $O(T D)$ work
     and memory, with the stability of ELK's damping. The diagonal is chosen as in
     [`parallel_dynamics.QuasiDEER`][].
+
+    Its defaults are the textbook ones, the exact step (a Kalman smoother) and
+    [`parallel_dynamics.AdaptiveDamping`][]: with the diagonal of the Jacobian, ELK's
+    causal step and [`parallel_dynamics.NonmonotoneDamping`][] do not converge on the
+    trained AR-GRU of the ELK paper (see "How to choose a solver").
     """
 
     rtol: float | None
@@ -347,6 +401,7 @@ class QuasiELK(AbstractLevenbergMarquardt):
     damping: AbstractDamping
     linear_solver: lx.AbstractLinearSolver
     window: TimeWindow
+    jacobi_start: bool
     verbose: bool
 
     def __init__(
@@ -360,6 +415,7 @@ class QuasiELK(AbstractLevenbergMarquardt):
         damping: AbstractDamping = AdaptiveDamping(),
         linear_solver: lx.AbstractLinearSolver = KalmanSmoother(),
         window: TimeWindow = TimeWindow(),
+        jacobi_start: bool = True,
         verbose: bool = False,
     ):
         self.rtol = rtol
@@ -371,6 +427,7 @@ class QuasiELK(AbstractLevenbergMarquardt):
         self.damping = damping
         self.linear_solver = linear_solver
         self.window = window
+        self.jacobi_start = jacobi_start
         self.verbose = verbose
 
 
@@ -380,23 +437,32 @@ _args = """**Arguments:**
     state's dtype).
 - `norm`: the norm used in the stopping test; `optimistix.max_norm` by default.
 """
-_tail = """- `damping`: [`parallel_dynamics.AdaptiveDamping`][] (default) or
-    [`parallel_dynamics.FixedDamping`][].
-- `linear_solver`: the solver of each damped step; [`parallel_dynamics.KalmanSmoother`][]
-    (`parallel=True` by default).
-- `window`: the trust region in time, a [`parallel_dynamics.TimeWindow`][].
+_tail = """- `window`: the trust region in time, a [`parallel_dynamics.TimeWindow`][].
+- `jacobi_start`: begin with a Jacobi sweep where it lowers the merit.
 - `verbose`: print the residual, step, ratio and damping at every iteration.
+"""
+_filter = """- `damping`: [`parallel_dynamics.NonmonotoneDamping`][] (default),
+    [`parallel_dynamics.AdaptiveDamping`][] or [`parallel_dynamics.FixedDamping`][].
+- `linear_solver`: the solver of each damped step; [`parallel_dynamics.KalmanFilter`][]
+    (default) or [`parallel_dynamics.KalmanSmoother`][].
+"""
+_smoother = """- `damping`: [`parallel_dynamics.AdaptiveDamping`][] (default),
+    [`parallel_dynamics.NonmonotoneDamping`][] or [`parallel_dynamics.FixedDamping`][].
+- `linear_solver`: the solver of each damped step; [`parallel_dynamics.KalmanSmoother`][]
+    (default) or [`parallel_dynamics.KalmanFilter`][].
 """
 LevenbergMarquardt.__init__.__doc__ = (
     _args
     + "- `jacobian`: what $A_t$ is (an [`parallel_dynamics.AbstractJacobian`][]).\n"
+    + _filter
     + _tail
 )
-ELK.__init__.__doc__ = _args + _tail
+ELK.__init__.__doc__ = _args + _filter + _tail
 QuasiELK.__init__.__doc__ = (
     _args
     + """- `diagonal`, `num_probes`, `key`: the diagonal of the Jacobian, as in
     [`parallel_dynamics.QuasiDEER`][].
 """
+    + _smoother
     + _tail
 )
