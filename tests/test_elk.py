@@ -251,3 +251,32 @@ def test_lorenz96_t1000_deer_float32_overflows():
     step, y0, _, dt, length = lorenz96_rk4(jnp.float32, length=1000, size=10)
     sol = pdyn.solve(step, pdyn.DEER(), y0, None, dt, length=length, throw=False)
     assert sol.result != optx.RESULTS.successful
+
+
+def _tanh_step(y, x, args):
+    return jnp.tanh(0.5 * y + x)
+
+
+@pytest.mark.parametrize("jacobi_start", [True, False])
+def test_first_iteration_is_a_jacobi_sweep_where_it_lowers_the_merit(jacobi_start):
+    xs = jax.random.normal(jax.random.key(3), (20, 3))
+    y0 = jnp.full(3, 2.0)
+    solver = pdyn.ELK(jacobi_start=jacobi_start)
+    sol = pdyn.solve(_tanh_step, solver, y0, xs, max_steps=1, throw=False)
+    sweep = pdyn.jacobi_guess(_tanh_step, y0, xs)
+    assert sol.stats["num_steps"] == 1
+    if jacobi_start:
+        np.testing.assert_allclose(sol.value, sweep, rtol=1e-6)
+    else:
+        assert not np.allclose(sol.value, sweep, rtol=1e-3)
+
+
+def test_no_jacobi_sweep_where_it_raises_the_merit():
+    # From the exact trajectory the sweep leaves it unchanged (no lower merit), so the
+    # first iteration is the damped step, which keeps the solution.
+    xs = jax.random.normal(jax.random.key(4), (20, 3))
+    y0 = jnp.zeros(3)
+    reference = scan_reference(_tanh_step, y0, xs, None)
+    sol = pdyn.solve(_tanh_step, pdyn.ELK(), y0, xs, init=reference, throw=False)
+    assert sol.result == optx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, reference, rtol=1e-6)
