@@ -99,7 +99,7 @@ def _nonmonotone_update(ratio, merit, trial_merit, lowest=np.inf, damping=1e-3):
     "ratio, trial_merit, accepted, factor",
     [
         (0.5, 0.5, True, 1 / 2),  # lower merit: halve
-        (0.95, 0.05, True, 1 / 100),  # the model is right: collapse
+        (0.95, 0.05, True, 1e-6),  # the model is right: collapse
         (-1.0, 2.5, True, 1.0),  # a bounded increase is taken, damping kept
         (-1.0, 3.5, False, 10.0),  # beyond `max_increase`: rejected
         (-jnp.inf, jnp.inf, False, 10.0),  # non-finite trial

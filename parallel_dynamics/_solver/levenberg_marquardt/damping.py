@@ -115,10 +115,10 @@ class NonmonotoneDamping(AbstractDamping):
     a finite trial when its $\\lVert F \\rVert^2$ over the window is at most
     `max_increase` times the current iterate's and at most `max_excursion` times the
     smallest merit accepted so far; then $\\lambda \\leftarrow \\lambda /$
-    `decrease` if the merit went down ($\\lambda \\leftarrow \\lambda / 100$ if
-    moreover $\\rho >$ `good_ratio`: the linear model is right, so the damping
-    collapses), and $\\lambda$ is kept if it went up. A rejected trial multiplies
-    $\\lambda$ by `increase`.
+    `decrease` if the merit went down ($\\lambda \\leftarrow \\lambda /$ `collapse`
+    if moreover $\\rho >$ `good_ratio`: the linear model is right, so the damping
+    collapses at once), and $\\lambda$ is kept if it went up. A rejected trial
+    multiplies $\\lambda$ by `increase`.
 
     This is the damping of the causal (Kalman filter) step on long nearly neutral
     maps. There the merit is dominated by the residuals far ahead of the converged
@@ -141,6 +141,7 @@ class NonmonotoneDamping(AbstractDamping):
     decrease: float = 2.0
     increase: float = 10.0
     good_ratio: float = 0.9
+    collapse: float = 1e6
     max_damping: float = 1e16
 
     def __check_init__(self):
@@ -149,7 +150,8 @@ class NonmonotoneDamping(AbstractDamping):
                 "`initial` and `max_damping` must satisfy 0 < initial <= max_damping "
                 f"< inf, got {self.initial} and {self.max_damping}."
             )
-        for name in ("max_increase", "max_excursion", "decrease", "increase"):
+        names = ("max_increase", "max_excursion", "decrease", "increase", "collapse")
+        for name in names:
             if not 1 <= getattr(self, name) < np.inf:
                 raise ValueError(
                     f"`{name}` must be at least 1 and finite, got "
@@ -168,7 +170,7 @@ class NonmonotoneDamping(AbstractDamping):
             & (trial_merit <= self.max_excursion * lowest)
         )
         went_down = trial_merit < merit
-        shrink = jnp.where(ratio > self.good_ratio, 100.0, self.decrease)
+        shrink = jnp.where(ratio > self.good_ratio, self.collapse, self.decrease)
         new_damping = jnp.where(
             accept,
             jnp.where(went_down, damping / shrink, damping),
@@ -200,6 +202,7 @@ NonmonotoneDamping.__init__.__doc__ = """**Arguments:**
 - `decrease`: the factor by which a step that lowers the merit divides $\\lambda$.
 - `increase`: the factor by which a rejected step multiplies $\\lambda$.
 - `good_ratio`: the gain ratio above which a step that lowers the merit divides
-    $\\lambda$ by 100.
+    $\\lambda$ by `collapse`.
+- `collapse`: that factor.
 - `max_damping`: the largest damping (the damping is clipped there).
 """
