@@ -111,8 +111,8 @@ def _elk_solve(s0, drivers, params):
     return sol.value, sol.stats["num_steps"], sol.result
 
 
-# ELK's defaults from y0 at every time. Iterations at T = 500: 23, 46 and 29; at
-# T = 9999: 71, 78 and 77 (MAD < 1e-3 first after 39, 43 and 40).
+# ELK's defaults from y0 at every time. Iterations at T = 500: 45, 46 and 38; at
+# T = 9999: 84, 80 and 82 (MAD < 1e-3 first after 42, 36 and 52).
 @needs_case
 @pytest.mark.parametrize(
     "length, max_iterations",
