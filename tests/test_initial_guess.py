@@ -89,12 +89,12 @@ def _argru_from_jacobi_guess(seed, length):
     return int(steps), result, mad
 
 
-# Iterations at T = 500: 24, 11 and 25 (from y0 at every time seed 3 takes hundreds);
-# at T = 9999: 96, 108 and 146.
+# Iterations at T = 500: 11, 13 and 12; at T = 9999: 98, 120 and 101 (ELK's first
+# Jacobi sweep is taken on top of the guess where it lowers the merit).
 @needs_case
 @pytest.mark.parametrize(
     "length, max_iterations",
-    [(500, 35), pytest.param(9999, 150, marks=pytest.mark.slow)],
+    [(500, 20), pytest.param(9999, 150, marks=pytest.mark.slow)],
 )
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_argru_filter_from_jacobi_guess(seed, length, max_iterations):
