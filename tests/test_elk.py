@@ -271,12 +271,21 @@ def test_first_iteration_is_a_jacobi_sweep_where_it_lowers_the_merit(jacobi_star
         assert not np.allclose(sol.value, sweep, rtol=1e-3)
 
 
+def _expanding_step(y, x, args):
+    return 3.0 * y + x
+
+
 def test_no_jacobi_sweep_where_it_raises_the_merit():
-    # From the exact trajectory the sweep leaves it unchanged (no lower merit), so the
-    # first iteration is the damped step, which keeps the solution.
-    xs = jax.random.normal(jax.random.key(4), (20, 3))
-    y0 = jnp.zeros(3)
-    reference = scan_reference(_tanh_step, y0, xs, None)
-    sol = pdyn.solve(_tanh_step, pdyn.ELK(), y0, xs, init=reference, throw=False)
-    assert sol.result == optx.RESULTS.successful
-    np.testing.assert_allclose(sol.value, reference, rtol=1e-6)
+    # On an expanding map the sweep carries a perturbation of one state forward,
+    # tripled: it raises the merit, so the first iteration is the damped step.
+    xs = jax.random.normal(jax.random.key(4), (12, 2))
+    y0 = jnp.zeros(2)
+    reference = scan_reference(_expanding_step, y0, xs, None)
+    init = reference.at[5].add(0.1)
+    previous = jnp.concatenate([y0[None], init[:-1]])
+    sweep = jax.vmap(_expanding_step, in_axes=(0, 0, None))(previous, xs, None)
+    sol = pdyn.solve(
+        _expanding_step, pdyn.ELK(), y0, xs, init=init, max_steps=1, throw=False
+    )
+    assert np.max(np.abs(sweep[6] - reference[6])) == pytest.approx(0.3)
+    assert np.max(np.abs(sol.value - reference)) < 0.1

@@ -114,7 +114,7 @@ class NonmonotoneDamping(AbstractDamping):
     """Damping for steps that must be allowed to increase the merit on the way: accept
     a finite trial when its $\\lVert F \\rVert^2$ over the window is at most
     `max_increase` times the current iterate's and at most `max_excursion` times the
-    smallest merit accepted so far; then $\\lambda \\leftarrow \\lambda /$
+    smallest merit accepted since the last rejection; then $\\lambda \\leftarrow \\lambda /$
     `decrease` if the merit went down ($\\lambda \\leftarrow \\lambda /$ `collapse`
     if moreover $\\rho >$ `good_ratio`: the linear model is right, so the damping
     collapses at once), and $\\lambda$ is kept if it went up. A rejected trial
@@ -131,6 +131,11 @@ class NonmonotoneDamping(AbstractDamping):
     run away (the merit grows by orders of magnitude within a few steps). This rule
     lets the damping fall geometrically towards Newton's method until the iterates
     start to run away, and catches that at the first step.
+
+    The smallest merit is forgotten at a rejection: the window's merit also changes
+    outside the damping's control (the converged prefix advances, and a rejected
+    trial still contributes its converged prefix), and a bound set by a merit from an
+    earlier window would reject every later step, even good ones.
     """
 
     accepts_every_step: ClassVar[bool] = True
@@ -159,7 +164,7 @@ class NonmonotoneDamping(AbstractDamping):
                 )
 
     def init(self, dtype):
-        # The state is the smallest merit accepted so far.
+        # The state is the smallest merit accepted since the last rejection.
         return jnp.array(self.initial, dtype), jnp.array(jnp.inf, dtype)
 
     def update(self, damping, memory, ratio, merit, trial_merit):
@@ -178,7 +183,7 @@ class NonmonotoneDamping(AbstractDamping):
         )
         tiny = np.finfo(damping.dtype).tiny ** 0.5
         new_damping = jnp.clip(new_damping, tiny, self.max_damping)
-        new_memory = jnp.where(accept, jnp.minimum(lowest, trial_merit), lowest)
+        new_memory = jnp.where(accept, jnp.minimum(lowest, trial_merit), merit)
         return accept, new_damping.astype(damping.dtype), new_memory
 
 
@@ -198,7 +203,7 @@ NonmonotoneDamping.__init__.__doc__ = """**Arguments:**
 - `initial`: the initial damping $\\lambda_0$.
 - `max_increase`: the largest factor by which an accepted step may increase the merit.
 - `max_excursion`: the largest factor by which an accepted step's merit may exceed the
-    smallest merit accepted so far.
+    smallest merit accepted since the last rejection.
 - `decrease`: the factor by which a step that lowers the merit divides $\\lambda$.
 - `increase`: the factor by which a rejected step multiplies $\\lambda$.
 - `good_ratio`: the gain ratio above which a step that lowers the merit divides
