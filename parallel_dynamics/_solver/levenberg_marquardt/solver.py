@@ -236,17 +236,19 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         trial_defect = self.defect(trial, trial_residual)
         trial_defect = jnp.where(jnp.isfinite(trial_defect), trial_defect, jnp.inf)
         trial_start = first_unconverged(trial_defect)
-        # Near the solution the decrease of the merit is lost in rounding and the ratio
-        # says nothing; a verification step is taken where it keeps every defect below
-        # tolerance or lowers the merit (whatever the damping strategy would allow),
-        # and leaves the damping as it was.
-        verified = (trial_start == length) | (trial_window_merit < window_merit)
-        accept = jnp.where(newton, finite & verified, accept)
+        # A verification step is taken only where it keeps every defect below
+        # tolerance, whatever the damping strategy would allow: near the solution the
+        # decrease of the merit is lost in rounding and the ratio says nothing. It
+        # leaves the damping as it was.
+        accept = jnp.where(newton, finite & (trial_start == length), accept)
         new_damping = jnp.where(newton, state.damping, new_damping)
         memory = jnp.where(newton, state.damping_memory, memory)
         # A rejected damped trial still contributes its converged prefix (at least
-        # y_k, which is exact); the rest of the trajectory stays as it was.
-        keep = accept | ((times < trial_start) & ~newton)
+        # y_k, which is exact) where that is longer than the iterate's; the rest of
+        # the trajectory stays as it was. (Once every defect is below tolerance the
+        # step spans the whole trajectory, and the prefix of a rejected trial would
+        # replace converged states and break the trajectory after it.)
+        keep = accept | ((times < trial_start) & (trial_start > start) & ~newton)
         new_y = jnp.where(keep[:, None], trial, y)
         converged, stopping = update_stopping(
             state.stopping,
