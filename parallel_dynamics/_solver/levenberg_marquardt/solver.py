@@ -390,10 +390,11 @@ class QuasiELK(AbstractLevenbergMarquardt):
     and memory, with the stability of ELK's damping. The diagonal is chosen as in
     [`parallel_dynamics.QuasiDEER`][].
 
-    Its defaults are the textbook ones, the exact step (a Kalman smoother) and
-    [`parallel_dynamics.AdaptiveDamping`][]: with the diagonal of the Jacobian, ELK's
-    causal step and [`parallel_dynamics.NonmonotoneDamping`][] do not converge on the
-    trained AR-GRU of the ELK paper (see "How to choose a solver").
+    It takes the exact step (a Kalman smoother) with
+    [`parallel_dynamics.AdaptiveDamping`][] by default, and begins with a Jacobi sweep
+    like ELK: with the diagonal of the Jacobian, ELK's causal step and
+    [`parallel_dynamics.NonmonotoneDamping`][] do not converge on the trained AR-GRU
+    of the ELK paper (see "How to choose a solver").
     """
 
     rtol: float | None
