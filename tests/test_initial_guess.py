@@ -2,6 +2,7 @@
 for the fixed-damping Kalman filter on the ELK paper's autoregressive GRU, and ELK's
 defaults there (which begin with that sweep)."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,65 +65,53 @@ needs_case = pytest.mark.skipif(
     not default_case_path().is_file(),
     reason=f"AR-GRU case file not found at {default_case_path()} (set PDYN_CASES_DIR)",
 )
-# The ELK paper's method: a causal Kalman filter step with a fixed damping, every step
-# accepted. Its damping is tuned to this problem.
-FILTER = pdyn.ELK(
-    rtol=1e-6,
-    atol=1e-6,
-    damping=pdyn.FixedDamping(1e-7),
-    linear_solver=pdyn.KalmanFilter(),
-)
+# The solvers on the AR-GRU, each with whether it starts from `pdyn.jacobi_guess`.
+# The ELK paper's method, from the Jacobi guess: a causal Kalman filter step with a
+# fixed damping, every step accepted; its damping is tuned to this problem. ELK's
+# defaults, from y0 at every time.
+ARGRU_SOLVERS = {
+    "filter_from_jacobi_guess": (
+        pdyn.ELK(
+            rtol=1e-6,
+            atol=1e-6,
+            damping=pdyn.FixedDamping(1e-7),
+            linear_solver=pdyn.KalmanFilter(),
+        ),
+        True,
+    ),
+    "elk_defaults": (pdyn.ELK(rtol=1e-6, atol=1e-6), False),
+}
 
 
-@jax.jit
-def _filter_solve(s0, drivers, params, init):
-    sol = pdyn.solve(argru_step, FILTER, s0, drivers, params, init=init, throw=False)
+@eqx.filter_jit
+def _argru_solve(solver, s0, drivers, params, init):
+    sol = pdyn.solve(argru_step, solver, s0, drivers, params, init=init, throw=False)
     return sol.value, sol.stats["num_steps"], sol.result
 
 
-def _argru_from_jacobi_guess(seed, length):
-    case = load_argru_case(seed=seed)
-    drivers = case.drivers[:length]
-    init = pdyn.jacobi_guess(argru_step, case.s0, drivers, case.params)
-    value, steps, result = _filter_solve(case.s0, drivers, case.params, init)
-    mad = float(mad_x(value, case.reference[:length], case.s0[0]))
-    return int(steps), result, mad
-
-
-# Iterations at T = 500: 11, 40 and 12; at T = 9999: 173, 179 and 147 (ELK's first
-# Jacobi sweep is taken on top of the guess where it lowers the merit).
+# Iterations of the filter from the Jacobi guess at T = 500: 11, 40 and 12; at
+# T = 9999: 173, 179 and 147 (ELK's first Jacobi sweep is taken on top of the guess
+# where it lowers the merit). ELK's defaults at T = 500: 47, 47 and 39; at T = 9999:
+# 85, 81 and 83 (MAD < 1e-3 first after 42, 36 and 52).
 @needs_case
 @pytest.mark.parametrize(
-    "length, max_iterations",
-    [(500, 50), pytest.param(9999, 250, marks=pytest.mark.slow)],
+    "name, length, max_iterations",
+    [
+        ("filter_from_jacobi_guess", 500, 50),
+        pytest.param("filter_from_jacobi_guess", 9999, 250, marks=pytest.mark.slow),
+        ("elk_defaults", 500, 55),
+        pytest.param("elk_defaults", 9999, 100, marks=pytest.mark.slow),
+    ],
 )
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_argru_filter_from_jacobi_guess(seed, length, max_iterations):
-    steps, result, mad = _argru_from_jacobi_guess(seed, length)
-    assert result == optx.RESULTS.successful
-    assert steps <= max_iterations
-    assert mad < 1e-4
-
-
-@jax.jit
-def _elk_solve(s0, drivers, params):
-    solver = pdyn.ELK(rtol=1e-6, atol=1e-6)
-    sol = pdyn.solve(argru_step, solver, s0, drivers, params, throw=False)
-    return sol.value, sol.stats["num_steps"], sol.result
-
-
-# ELK's defaults from y0 at every time. Iterations at T = 500: 47, 47 and 39; at
-# T = 9999: 85, 81 and 83 (MAD < 1e-3 first after 42, 36 and 52).
-@needs_case
-@pytest.mark.parametrize(
-    "length, max_iterations",
-    [(500, 55), pytest.param(9999, 100, marks=pytest.mark.slow)],
-)
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_argru_elk_defaults(seed, length, max_iterations):
+def test_argru(name, seed, length, max_iterations):
+    solver, from_jacobi_guess = ARGRU_SOLVERS[name]
     case = load_argru_case(seed=seed)
     drivers = case.drivers[:length]
-    value, steps, result = _elk_solve(case.s0, drivers, case.params)
+    init = None
+    if from_jacobi_guess:
+        init = pdyn.jacobi_guess(argru_step, case.s0, drivers, case.params)
+    value, steps, result = _argru_solve(solver, case.s0, drivers, case.params, init)
     assert result == optx.RESULTS.successful
     assert int(steps) <= max_iterations
     assert float(mad_x(value, case.reference[:length], case.s0[0])) < 1e-4
