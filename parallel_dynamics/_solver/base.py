@@ -40,6 +40,16 @@ def as_recurrence(args: PyTree, solver: eqx.Module) -> Recurrence:
     return args
 
 
+def state_at(x: Array, index, *, sharded: bool) -> Array:
+    """`x[index]` along the time axis. When `x` is sharded along time, as a masked
+    sum: a reduction, which stays local per device (plus an all-reduce of one row),
+    where a dynamic index would make XLA gather the whole array."""
+    if not sharded or not jnp.issubdtype(x.dtype, jnp.number):
+        return x[index]
+    mask = (jnp.arange(x.shape[0]) == index).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=0, dtype=x.dtype)
+
+
 def all_finite(*arrays: Array) -> Bool[Array, ""]:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
 

@@ -4,6 +4,8 @@ the trajectory a trial step is taken, and what the iterate becomes beyond that."
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Inexact, Int
 
+from .base import state_at
+
 
 def first_false(flags: Bool[Array, " T"]) -> Int[Array, ""]:
     """The first index at which `flags` is false ($T$ if none is)."""
@@ -64,8 +66,9 @@ def continue_beyond(
     can have grown huge beyond the horizon): then every later state is the last
     trusted one.
     """
-    trusted = _state_at(trial, horizon - 1)
-    shifted = y + (trusted - _state_at(y, horizon - 1))
+    # The trajectories may be sharded along time: read single states by masked sums.
+    trusted = state_at(trial, horizon - 1, sharded=True)
+    shifted = y + (trusted - state_at(y, horizon - 1, sharded=True))
     beyond = jnp.where(jnp.all(jnp.isfinite(shifted)), shifted, trusted)
     return jnp.where((jnp.arange(y.shape[0]) < horizon)[:, None], trial, beyond)
 
@@ -74,15 +77,8 @@ def hold_beyond(
     trial: Inexact[Array, "T D"], horizon: Int[Array, ""]
 ) -> Inexact[Array, "T D"]:
     """The trial before `horizon`, and its last trusted state at every later time."""
-    trusted = _state_at(trial, horizon - 1)
+    trusted = state_at(trial, horizon - 1, sharded=True)
     return jnp.where((jnp.arange(trial.shape[0]) < horizon)[:, None], trial, trusted)
-
-
-def _state_at(trajectory: Inexact[Array, "T D"], index: Int[Array, ""]):
-    # A masked sum rather than a dynamic index, which stays local when the time axis
-    # is sharded across devices.
-    at = (jnp.arange(trajectory.shape[0]) == index)[:, None]
-    return jnp.sum(jnp.where(at, trajectory, 0), axis=0, dtype=trajectory.dtype)
 
 
 def squared_residual_beyond(

@@ -21,6 +21,7 @@ from ..base import (
     as_recurrence,
     at_rounding_level,
     first_unconverged,
+    state_at,
     time_sharding_of,
 )
 from ..newton import diagonal_jacobian
@@ -43,16 +44,6 @@ class _LevenbergMarquardtState(eqx.Module):
     result: optx.RESULTS
 
 
-def _take(x: Array, index, *, sharded: bool) -> Array:
-    """`x[index]` along the time axis. When `x` is sharded along time, as a masked
-    sum: a reduction, which stays local per device (plus an all-reduce of one row),
-    where a dynamic index would make XLA gather the whole array."""
-    if not sharded or not jnp.issubdtype(x.dtype, jnp.number):
-        return x[index]
-    mask = (jnp.arange(x.shape[0]) == index).reshape((-1,) + (1,) * (x.ndim - 1))
-    return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=0, dtype=x.dtype)
-
-
 def _restart_at(recurrence, y, values, start, *, sharded: bool):
     """Sets the first unconverged state exactly, $y_k = f(y_{k-1}, x_k)$, where that is
     finite ($y_{k-1}$ is unchanged), which changes only $F_k$ (to zero) and $F_{k+1}$.
@@ -67,7 +58,7 @@ def _restart_at(recurrence, y, values, start, *, sharded: bool):
     exact = ((times == start) & finite_values)[:, None]
     y = jnp.where(exact, values, y)
     following = jnp.minimum(start + 1, length - 1)
-    take = ft.partial(_take, sharded=sharded)
+    take = ft.partial(state_at, sharded=sharded)
     inputs = jtu.tree_map(lambda x: take(x, following), recurrence.inputs)
     residual_following = take(y, following) - recurrence.step_at(
         take(y, start % length), inputs
