@@ -189,6 +189,20 @@ def test_converges_to_lax_scan_on_the_zoo(name, model):
     assert tree_allclose(sol.value, expected, rtol=1e-8, atol=1e-8)
 
 
+# Once the damping has collapsed below eps^2, ELK's steps are DEER's and it stops as
+# soon as DEER would; in float64 the damping takes one more collapse to get there.
+@pytest.mark.parametrize("dtype, extra", [(jnp.float32, 0), (jnp.float64, 1)])
+def test_takes_deers_iterations_on_a_contracting_map(dtype, extra):
+    step, y0, inputs, cell, _ = gru(dtype, length=300, hidden=8)
+    deer = pdyn.solve(step, pdyn.DEER(rtol=1e-5, atol=1e-5), y0, inputs, cell)
+    elk = pdyn.solve(step, pdyn.ELK(rtol=1e-5, atol=1e-5), y0, inputs, cell)
+    assert int(deer.stats["num_steps"]) <= 5
+    assert int(elk.stats["num_steps"]) <= int(deer.stats["num_steps"]) + extra
+    expected = scan_reference(step, y0, inputs, cell)
+    close = dict(rtol=1e-4, atol=1e-4) if dtype == jnp.float32 else {}
+    assert tree_allclose(elk.value, expected, **close)
+
+
 def _unstable(y, x, args):
     # Linearised at the initial guess y = 0 the map expands by 3 per step, so DEER's
     # first scan grows like 3^T; the trajectory itself settles near a fixed point.

@@ -246,6 +246,7 @@ def test_undamped_solver_follows_the_configuration_of_the_damped_one():
 def _stop(state, **overrides):
     arguments = dict(
         newton=jnp.array(False),
+        undamped=jnp.array(False),
         accepted=jnp.array(True),
         progress=jnp.array(True),
         all_converged=jnp.array(True),
@@ -273,6 +274,25 @@ def test_stopping_verifies_with_undamped_steps():
     assert not bool(verifies(state, jnp.array(True)))
     _, state = _stop(state, progress=True)
     assert bool(verifies(state, jnp.array(True)))
+
+
+def test_stopping_after_a_step_whose_damping_is_negligible():
+    # A damped step of size 50 that brings every defect below tolerance, then a step
+    # of size 2 whose damping is negligible: a contraction rate of 0.04, so the error
+    # left is about 0.08, and the solve stops without a verification step.
+    state = init_stopping(jnp.float64)
+    done, state = _stop(state, all_converged=False, diffsize=jnp.array(50.0))
+    assert not bool(done)
+    done, _ = _stop(state, undamped=True, diffsize=jnp.array(2.0))
+    assert bool(done)
+    # Without the negligible damping, the same step decides nothing.
+    done, _ = _stop(state, diffsize=jnp.array(2.0))
+    assert not bool(done)
+    # A rejected step in between leaves the rate unknown: a first step of size 2 is
+    # not enough.
+    _, rejected = _stop(state, accepted=False, progress=False)
+    done, _ = _stop(rejected, undamped=True, diffsize=jnp.array(2.0))
+    assert not bool(done)
 
 
 def test_stopping_at_the_rounding_floor_after_steps_without_progress():

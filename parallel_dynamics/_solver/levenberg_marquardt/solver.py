@@ -189,7 +189,16 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # values there (a step undefined at the initial guess) only wait.
         nonfinite = ~jnp.all(jnp.isfinite(residual), axis=1) & (times > start)
         end = jnp.min(jnp.where(nonfinite, times, length))
-        active = self.window.active(times, start, end, state.window) | all_converged
+        windowed = self.window.active(times, start, end, state.window)
+        # A damping below eps^2 changes the step by a relative lambda P_t < eps, as long
+        # as the covariance P_t of the filter stays below 1 / eps (beyond that the
+        # filter's own rounding is larger): a Newton step. When the window reaches the
+        # end, such a step is taken undamped over the whole trajectory, prefix included,
+        # as DEER takes it: its size then measures the error left everywhere, and the
+        # stopping test can stop after it.
+        negligible = state.damping <= jnp.finfo(y.dtype).eps ** 2
+        undamped = newton | (negligible & jnp.all(windowed | (times <= start)))
+        active = windowed | all_converged | undamped
         # The window's least-squares problem on its own: outside it, no residual and
         # no coupling to the previous step. (A_{k+1} is still the Jacobian at the old
         # y_k: the model is approximate there, the acceptance test is not.)
@@ -198,7 +207,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         pinned = 1 / jnp.finfo(y.dtype).eps
         damping = jnp.where(active, state.damping, pinned)
         update = jax.lax.cond(
-            newton,
+            undamped,
             lambda: newton_step(bidiagonal, vector, self.linear_solver),
             lambda: damped_step(bidiagonal, vector, damping, self.linear_solver),
         )
@@ -244,6 +253,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         converged, stopping = update_stopping(
             state.stopping,
             newton=newton,
+            undamped=undamped,
             accepted=accept,
             progress=accept & (actual > 0),
             all_converged=all_converged,
