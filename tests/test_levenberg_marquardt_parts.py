@@ -246,7 +246,6 @@ def test_undamped_solver_follows_the_configuration_of_the_damped_one():
 def _stop(state, **overrides):
     arguments = dict(
         newton=jnp.array(False),
-        undamped=jnp.array(False),
         accepted=jnp.array(True),
         progress=jnp.array(True),
         all_converged=jnp.array(True),
@@ -263,35 +262,39 @@ def _stop(state, **overrides):
 
 def test_stopping_verifies_with_undamped_steps():
     state = init_stopping(jnp.float64)
-    assert bool(verifies(state, jnp.array(True)))
-    assert not bool(verifies(state, jnp.array(False)))
+    false, true = jnp.array(False), jnp.array(True)
+    assert bool(verifies(state, true, false))
+    assert not bool(verifies(state, false, false))
+    # An early verification, before every defect is below tolerance.
+    assert bool(verifies(state, false, true))
     # A first accepted verification step of size 0.5: superlinear, so enough.
     done, state = _stop(state, newton=True)
     assert bool(done)
-    # A failed verification makes the next step a damped one, until one helps.
+    # A failed verification makes the next step a damped one, until one helps, and
+    # no verification is early any more.
     done, state = _stop(init_stopping(jnp.float64), newton=True, accepted=False)
     assert not bool(done)
-    assert not bool(verifies(state, jnp.array(True)))
+    assert not bool(verifies(state, true, false))
     _, state = _stop(state, progress=True)
-    assert bool(verifies(state, jnp.array(True)))
+    assert bool(verifies(state, true, false))
+    assert not bool(verifies(state, false, true))
 
 
-def test_stopping_after_a_step_whose_damping_is_negligible():
-    # A damped step of size 50 that brings every defect below tolerance, then a step
-    # of size 2 whose damping is negligible: a contraction rate of 0.04, so the error
-    # left is about 0.08, and the solve stops without a verification step.
+def test_stopping_takes_the_rate_against_the_damped_step_before():
+    # A damped step of size 50, then a verification step of size 2: a contraction
+    # rate of 0.04, so the error left is about 0.08 and the solve stops.
     state = init_stopping(jnp.float64)
     done, state = _stop(state, all_converged=False, diffsize=jnp.array(50.0))
     assert not bool(done)
-    done, _ = _stop(state, undamped=True, diffsize=jnp.array(2.0))
+    done, _ = _stop(state, newton=True, diffsize=jnp.array(2.0))
     assert bool(done)
-    # Without the negligible damping, the same step decides nothing.
+    # The same step, damped, decides nothing.
     done, _ = _stop(state, diffsize=jnp.array(2.0))
     assert not bool(done)
-    # A rejected step in between leaves the rate unknown: a first step of size 2 is
-    # not enough.
+    # After a rejected step the rate is unknown: a first verification step of size 2
+    # is not enough.
     _, rejected = _stop(state, accepted=False, progress=False)
-    done, _ = _stop(rejected, undamped=True, diffsize=jnp.array(2.0))
+    done, _ = _stop(rejected, newton=True, diffsize=jnp.array(2.0))
     assert not bool(done)
 
 

@@ -32,6 +32,12 @@ from .stopping import init_stopping, StoppingState, update_stopping, verifies
 from .time_window import TimeWindow
 
 
+# The largest scaled defect at which a verification step is tried once the damping
+# has collapsed: the size of update below which DEER's stopping test trusts the rate
+# of a superlinear iteration.
+NEWTON_DEFECTS = 100
+
+
 class _LevenbergMarquardtState(eqx.Module):
     step: Int[Array, ""]
     window: Int[Array, ""]
@@ -119,8 +125,13 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
     step over the whole trajectory (the scan of `linear_solver` without damping: sharded,
     parallel or sequential as it is), which estimates the remaining error; the solve
     stops when that step is finite, keeps every defect
-    $|F(Y)_t| < \\text{atol} + \\text{rtol}\\,|y_t|$ and moves no state by more than
-    the same tolerance. If the Newton step overflows (chaotic maps in single
+    $|F(Y)_t| < \\text{atol} + \\text{rtol}\\,|y_t|$, and the error it leaves,
+    estimated from its size and the rate at which the step sizes shrink
+    ([`parallel_dynamics.DEER`][]'s test), is below the same tolerance. Until one
+    fails, this verification is tried earlier, as soon as the damping has collapsed
+    below $\\varepsilon^2$ and every defect is within a factor 100 of tolerance: where
+    Newton converges, the solve then stops after DEER's iterations. If the Newton step
+    overflows (chaotic maps in single
     precision), damped steps continue and the check is retried; a problem on which it
     never succeeds ends with `RESULTS.nonlinear_max_steps_reached`, never with a wrong trajectory
     marked successful. A step that is non-finite at the current iterate (undefined
@@ -177,9 +188,19 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         )
         residual = y - values
         merit = jnp.sum(residual**2)
-        start = first_unconverged(self.defect(y, residual))
+        defect = self.defect(y, residual)
+        start = first_unconverged(defect)
         all_converged = start == length
-        newton = verifies(state.stopping, all_converged)
+        # The verification step is taken once every defect is below tolerance, or, until
+        # one fails, as soon as the damping has collapsed below eps^2 (the last steps
+        # were good Newton steps) with every defect within a factor `NEWTON_DEFECTS` of
+        # tolerance: then the solve can stop where DEER would. (With larger defects
+        # left far ahead even so small a damping bounds the steps of a nearly neutral
+        # map, whose filter covariance grows without bound.)
+        early = (state.damping <= jnp.finfo(y.dtype).eps ** 2) & (
+            jnp.max(defect, initial=0) <= NEWTON_DEFECTS
+        )
+        newton = verifies(state.stopping, all_converged, early)
         # Only the verification's stopping test reads it (for quasi-Newton checks).
         rounding = at_rounding_level(residual, y, values, when=newton)
         y, residual, step_nonfinite = _restart_at(
@@ -189,16 +210,11 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # values there (a step undefined at the initial guess) only wait.
         nonfinite = ~jnp.all(jnp.isfinite(residual), axis=1) & (times > start)
         end = jnp.min(jnp.where(nonfinite, times, length))
+        # Once every defect is below tolerance, and for the verification step, the step
+        # spans the whole trajectory, prefix included: the size of a verification step
+        # then measures the error left everywhere.
         windowed = self.window.active(times, start, end, state.window)
-        # A damping below eps^2 changes the step by a relative lambda P_t < eps, as long
-        # as the covariance P_t of the filter stays below 1 / eps (beyond that the
-        # filter's own rounding is larger): a Newton step. When the window reaches the
-        # end, such a step is taken undamped over the whole trajectory, prefix included,
-        # as DEER takes it: its size then measures the error left everywhere, and the
-        # stopping test can stop after it.
-        negligible = state.damping <= jnp.finfo(y.dtype).eps ** 2
-        undamped = newton | (negligible & jnp.all(windowed | (times <= start)))
-        active = windowed | all_converged | undamped
+        active = windowed | all_converged | newton
         # The window's least-squares problem on its own: outside it, no residual and
         # no coupling to the previous step. (A_{k+1} is still the Jacobian at the old
         # y_k: the model is approximate there, the acceptance test is not.)
@@ -207,7 +223,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         pinned = 1 / jnp.finfo(y.dtype).eps
         damping = jnp.where(active, state.damping, pinned)
         update = jax.lax.cond(
-            undamped,
+            newton,
             lambda: newton_step(bidiagonal, vector, self.linear_solver),
             lambda: damped_step(bidiagonal, vector, damping, self.linear_solver),
         )
@@ -253,7 +269,6 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         converged, stopping = update_stopping(
             state.stopping,
             newton=newton,
-            undamped=undamped,
             accepted=accept,
             progress=accept & (actual > 0),
             all_converged=all_converged,

@@ -21,7 +21,13 @@ FLOOR_GAIN = 0.01
 class StoppingState(eqx.Module):
     # The last verification failed: the next waits for a damped step that helps.
     newton_failed: Bool[Array, ""]
-    # Accepted steps in a row, and the size of the last one.
+    # Some verification has failed: the next ones wait for every defect to be below
+    # tolerance.
+    newton_ever_failed: Bool[Array, ""]
+    # Accepted verification steps in a row, and the size of the last one.
+    newton_steps: Int[Array, ""]
+    newton_diffsize: Scalar
+    # Accepted steps of any kind in a row, and the size of the last one.
     accepted_steps: Int[Array, ""]
     last_diffsize: Scalar
     # Steps in a row that did not improve on the best merit of an iterate with every
@@ -33,6 +39,9 @@ class StoppingState(eqx.Module):
 def init_stopping(dtype) -> StoppingState:
     return StoppingState(
         newton_failed=jnp.array(False),
+        newton_ever_failed=jnp.array(False),
+        newton_steps=jnp.array(0),
+        newton_diffsize=jnp.array(jnp.inf, dtype),
         accepted_steps=jnp.array(0),
         last_diffsize=jnp.array(jnp.inf, dtype),
         floor_steps=jnp.array(0),
@@ -40,17 +49,20 @@ def init_stopping(dtype) -> StoppingState:
     )
 
 
-def verifies(state: StoppingState, all_converged: Bool[Array, ""]) -> Bool[Array, ""]:
-    """Whether this step is the undamped verification step: every defect is below
-    tolerance and the last verification did not fail."""
-    return all_converged & ~state.newton_failed
+def verifies(
+    state: StoppingState, all_converged: Bool[Array, ""], early: Bool[Array, ""]
+) -> Bool[Array, ""]:
+    """Whether this step is the undamped verification step: the last verification did
+    not fail, and every defect is below tolerance, or the iterate is ready for an
+    `early` verification and none has failed yet."""
+    ready = all_converged | (early & ~state.newton_ever_failed)
+    return ready & ~state.newton_failed
 
 
 def update_stopping(
     state: StoppingState,
     *,
     newton: Bool[Array, ""],
-    undamped: Bool[Array, ""],
     accepted: Bool[Array, ""],
     progress: Bool[Array, ""],
     all_converged: Bool[Array, ""],
@@ -65,8 +77,6 @@ def update_stopping(
     """Whether the solve has converged after this step, and the next state.
 
     - `newton`: this step was the verification step; `accepted`: it was taken.
-    - `undamped`: this step was a damped one whose damping is negligible over the
-        whole trajectory after the converged prefix: a Newton step up to rounding.
     - `progress`: the step was taken and decreased the merit.
     - `all_converged`, `now_converged`: every defect is below tolerance before and
         after the step.
@@ -77,11 +87,10 @@ def update_stopping(
     The verification succeeds as [`parallel_dynamics.DEER`][]'s stopping test does, on
     the sizes of consecutive undamped steps (the error estimate of Hairer & Wanner);
     small defects alone do not bound the error, for they add up along the trajectory.
-    Accepted `undamped` steps count as undamped steps: once the damping has collapsed
-    the solve stops as soon as DEER would, without a separate verification step. The
-    rate is taken against the step before, damped or not: a damped step is shorter than
-    the Newton step from the same point, so that the rate is overestimated and the
-    test errs on the safe side.
+    The rate may also be taken against the step before, damped or not (damping
+    shortens a step, so that the rate is overestimated and the test errs on the safe
+    side): a verification step taken as soon as the damping has collapsed can then
+    stop the solve where DEER would stop.
 
     On chaotic maps the forward error of a trajectory whose defects are at tolerance
     can exceed the tolerance by the growth factor of the dynamics, and no iteration
@@ -95,18 +104,27 @@ def update_stopping(
     every step), every step satisfies the recurrence to tolerance, and that is
     what is returned.
     """
+    newton_steps = jnp.where(newton & accepted, state.newton_steps + 1, 0)
     accepted_steps = jnp.where(accepted, state.accepted_steps + 1, 0)
+    rate_of_verifications = converged_by_rate(
+        newton_steps,
+        diffsize,
+        state.newton_diffsize,
+        superlinear=superlinear,
+        rounding=rounding,
+    )
+    rate_of_accepted_steps = converged_by_rate(
+        accepted_steps,
+        diffsize,
+        state.last_diffsize,
+        superlinear=superlinear,
+        rounding=rounding,
+    )
     verified = (
-        (newton | undamped)
-        & accepted
+        accepted
         & now_converged
-        & converged_by_rate(
-            accepted_steps,
-            diffsize,
-            state.last_diffsize,
-            superlinear=superlinear,
-            rounding=rounding,
-        )
+        & newton
+        & (rate_of_verifications | rate_of_accepted_steps)
     )
     # Counted from the first time every defect is below tolerance: a step at the floor
     # can push a defect back over tolerance, which is no progress either.
@@ -126,6 +144,9 @@ def update_stopping(
     at_floor = (floor_steps >= FLOOR_STEPS) & now_converged
     new_state = StoppingState(
         newton_failed=jnp.where(newton, ~accepted, state.newton_failed & ~progress),
+        newton_ever_failed=state.newton_ever_failed | (newton & ~accepted),
+        newton_steps=newton_steps,
+        newton_diffsize=jnp.where(newton & accepted, diffsize, jnp.inf),
         accepted_steps=accepted_steps,
         last_diffsize=jnp.where(accepted, diffsize, jnp.inf),
         floor_steps=floor_steps,
