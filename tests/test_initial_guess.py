@@ -91,8 +91,8 @@ def _argru_solve(solver, s0, drivers, params, init):
 
 # Iterations of the filter from the Jacobi guess at T = 500: 11, 40 and 12; at
 # T = 9999: 173, 179 and 147 (ELK's first Jacobi sweep is taken on top of the guess
-# where it lowers the merit). ELK's defaults at T = 500: 47, 47 and 39; at T = 9999:
-# 85, 81 and 83 (MAD < 1e-3 first after 42, 36 and 52).
+# where it lowers the merit). ELK's defaults at T = 500: 26, 47 and 39; at T = 9999:
+# 73, 82 and 84 (MAD < 1e-3 first after 42, 36 and 52).
 @needs_case
 @pytest.mark.parametrize(
     "name, length, max_iterations",
