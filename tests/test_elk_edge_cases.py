@@ -1,6 +1,9 @@
 """ELK and quasi-ELK at the edges, against `lax.scan`: zero tolerances, empty states,
-steps undefined at the initial guess, invalid damping options, and failure codes."""
+steps undefined at the initial guess, invalid damping options, failure codes, and a
+rejected step once every defect is below tolerance."""
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
@@ -117,3 +120,35 @@ def test_nonfinite_trajectory_still_fails_with_a_finite_iterate(solver):
     sol = pdyn.solve(_sqrt_step, solver, y0, inputs, throw=False)
     assert sol.result == optx.RESULTS.nonfinite
     assert np.all(np.isfinite(np.asarray(sol.value)))
+
+
+def _expanding(y, x, args):
+    return 3.0 * y + x
+
+
+def test_a_rejected_step_keeps_a_trajectory_at_tolerance():
+    # Every defect is below tolerance (a state off by 0.3 tol makes defects of 0.3 and
+    # 0.9 tol) and the last verification failed, so the step is a damped one over the
+    # whole trajectory. With A_t = 0 it moves the two states with defects, and the map
+    # triples the move into a defect of 1.35 tol after them: the trial is rejected.
+    # Its converged prefix is no longer than the iterate's, so none of it is kept (kept,
+    # it would break the recurrence where it ends).
+    length, tol = 8, 1e-6
+    inputs = jnp.zeros((length, 1))
+    y = jnp.zeros((length, 1)).at[3, 0].set(0.3 * tol)
+    fn, args = pdyn.root_find_problem(_expanding, jnp.zeros(1), inputs, None)
+    assert float(jnp.max(jnp.abs(fn(y, args)))) < tol
+    solver = pdyn.LevenbergMarquardt(
+        rtol=tol,
+        atol=tol,
+        jacobian=pdyn.ZeroJacobian(),
+        damping=pdyn.AdaptiveDamping(),
+        jacobi_start=False,
+    )
+    struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
+    state = solver.init(fn, y, args, {}, struct, None, frozenset())
+    state = eqx.tree_at(lambda s: s.stopping.newton_failed, state, jnp.array(True))
+    new_y, new_state, _ = solver.step(fn, y, args, {}, state, frozenset())
+    assert float(new_state.damping) > float(state.damping)  # rejected
+    np.testing.assert_array_equal(new_y, y)
+    assert int(new_state.converged_prefix) == length
