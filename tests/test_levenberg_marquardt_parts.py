@@ -181,12 +181,13 @@ def test_gain_ratio_is_actual_over_predicted_decrease_on_the_window():
     model = jnp.array([[1.0], [0.0], [50.0]])
     trial = jnp.array([[2.0], [1.0], [-7.0]])
     where = jnp.array([True, True, False])
-    ratio, actual = gain_ratio(residual, model, trial, where)
+    ratio, merit, trial_merit = gain_ratio(residual, model, trial, where)
     # ‖F‖² = 13 on the window; the model predicts 1, the trial gives 5.
-    assert float(actual) == pytest.approx(8.0)
+    assert float(merit) == pytest.approx(13.0)
+    assert float(trial_merit) == pytest.approx(5.0)
     assert float(ratio) == pytest.approx(8.0 / 12.0)
     # No predicted decrease: ratio 0 whatever happened.
-    ratio, _ = gain_ratio(residual, residual, trial, where)
+    ratio, _, _ = gain_ratio(residual, residual, trial, where)
     assert float(ratio) == 0.0
 
 

@@ -10,9 +10,10 @@ def gain_ratio(
     model_residual: Inexact[Array, "T D"],
     trial_residual: Inexact[Array, "T D"],
     where: Bool[Array, " T"],
-) -> tuple[Scalar, Scalar]:
+) -> tuple[Scalar, Scalar, Scalar]:
     """The ratio $\\rho$ of the actual to the predicted decrease of
-    $\\lVert F \\rVert^2$ over the times `where`, and the actual decrease.
+    $\\lVert F \\rVert^2$ over the times `where`, and $\\lVert F \\rVert^2$ there at
+    the iterate and at the trial.
 
     With $F$ the residual at the current iterate, $F - L\\Delta$ the residual the
     linear model predicts for the step $\\Delta$ and $F'$ the residual at the trial,
@@ -25,6 +26,6 @@ def gain_ratio(
     mask = where[:, None]
     merit = jnp.sum(jnp.where(mask, residual, 0) ** 2)
     predicted = merit - jnp.sum(jnp.where(mask, model_residual, 0) ** 2)
-    actual = merit - jnp.sum(jnp.where(mask, trial_residual, 0) ** 2)
-    ratio = actual / jnp.where(predicted > 0, predicted, jnp.inf)
-    return ratio, actual
+    trial_merit = jnp.sum(jnp.where(mask, trial_residual, 0) ** 2)
+    ratio = (merit - trial_merit) / jnp.where(predicted > 0, predicted, jnp.inf)
+    return ratio, merit, trial_merit

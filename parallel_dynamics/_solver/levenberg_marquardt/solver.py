@@ -231,7 +231,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
 
         trial = y - update
         trial_residual = recurrence.residual(trial)
-        ratio, actual = gain_ratio(
+        ratio, window_merit, trial_window_merit = gain_ratio(
             residual, residual - bidiagonal.mv(update), trial_residual, active
         )
         # Only the window moves; residuals after it wait for the next step.
@@ -239,8 +239,6 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         finite = all_finite(
             jnp.where(in_window, trial, 0), jnp.where(in_window, trial_residual, 0)
         )
-        window_merit = jnp.sum(jnp.where(in_window, residual, 0) ** 2)
-        trial_window_merit = jnp.sum(jnp.where(in_window, trial_residual, 0) ** 2)
         accept, new_damping, memory = self.damping.update(
             state.damping,
             state.damping_memory,
@@ -270,7 +268,7 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
             state.stopping,
             newton=newton,
             accepted=accept,
-            progress=accept & (actual > 0),
+            progress=accept & (trial_window_merit < window_merit),
             all_converged=all_converged,
             now_converged=jnp.where(accept, trial_start == length, all_converged),
             merit_before=jnp.sum(residual**2),
