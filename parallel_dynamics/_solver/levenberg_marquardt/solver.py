@@ -33,8 +33,8 @@ from .time_window import TimeWindow
 
 
 # The largest scaled defect at which a verification step is tried once the damping
-# has collapsed: the size of update below which DEER's stopping test trusts the rate
-# of a superlinear iteration.
+# has collapsed (the bound on the update size below which DEER's stopping test trusts
+# the rate of a superlinear iteration, applied to the defects).
 NEWTON_DEFECTS = 100
 
 

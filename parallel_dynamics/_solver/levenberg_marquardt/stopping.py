@@ -87,10 +87,12 @@ def update_stopping(
     The verification succeeds as [`parallel_dynamics.DEER`][]'s stopping test does, on
     the sizes of consecutive undamped steps (the error estimate of Hairer & Wanner);
     small defects alone do not bound the error, for they add up along the trajectory.
-    The rate may also be taken against the step before, damped or not (damping
-    shortens a step, so that the rate is overestimated and the test errs on the safe
-    side): a verification step taken as soon as the damping has collapsed can then
-    stop the solve where DEER would stop.
+    For a superlinear iteration the rate may also be taken against the accepted step
+    before, damped or not: a verification step taken as soon as the damping has
+    collapsed can then stop the solve where DEER would stop. This is a heuristic (a
+    damped or windowed step need not be shorter than the Newton step from the same
+    point); for linearly convergent iterations, where it can stop early, the rate is
+    taken between verification steps only.
 
     On chaotic maps the forward error of a trajectory whose defects are at tolerance
     can exceed the tolerance by the growth factor of the dynamics, and no iteration
@@ -124,7 +126,7 @@ def update_stopping(
         accepted
         & now_converged
         & newton
-        & (rate_of_verifications | rate_of_accepted_steps)
+        & (rate_of_verifications | (superlinear & rate_of_accepted_steps))
     )
     # Counted from the first time every defect is below tolerance: a step at the floor
     # can push a defect back over tolerance, which is no progress either.
