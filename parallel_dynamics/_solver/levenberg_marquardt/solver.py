@@ -194,9 +194,9 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # The verification step is taken once every defect is below tolerance, or, until
         # one fails, as soon as the damping has collapsed below eps^2 (the last steps
         # were good Newton steps) with every defect within a factor `NEWTON_DEFECTS` of
-        # tolerance: then the solve can stop where DEER would. (With larger defects
-        # left far ahead even so small a damping bounds the steps of a nearly neutral
-        # map, whose filter covariance grows without bound.)
+        # tolerance: then the solve can stop where DEER would. (Not earlier: on a nearly
+        # neutral map an undamped step from large defects far ahead is amplified where
+        # the damped filter step stays bounded.)
         early = (state.damping <= jnp.finfo(y.dtype).eps ** 2) & (
             jnp.max(defect, initial=0) <= NEWTON_DEFECTS
         )
@@ -213,8 +213,8 @@ class AbstractLevenbergMarquardt(AbstractRecurrenceSolver):
         # Once every defect is below tolerance, and for the verification step, the step
         # spans the whole trajectory, prefix included: the size of a verification step
         # then measures the error left everywhere.
-        windowed = self.window.active(times, start, end, state.window)
-        active = windowed | all_converged | newton
+        active = self.window.active(times, start, end, state.window)
+        active = active | all_converged | newton
         # The window's least-squares problem on its own: outside it, no residual and
         # no coupling to the previous step. (A_{k+1} is still the Jacobian at the old
         # y_k: the model is approximate there, the acceptance test is not.)

@@ -115,19 +115,15 @@ def update_stopping(
         superlinear=superlinear,
         rounding=rounding,
     )
-    rate_of_accepted_steps = converged_by_rate(
-        accepted_steps,
-        diffsize,
-        state.last_diffsize,
-        superlinear=superlinear,
-        rounding=rounding,
-    )
-    verified = (
-        accepted
-        & now_converged
-        & newton
-        & (rate_of_verifications | (superlinear & rate_of_accepted_steps))
-    )
+    if superlinear:
+        rate_of_verifications |= converged_by_rate(
+            accepted_steps,
+            diffsize,
+            state.last_diffsize,
+            superlinear=superlinear,
+            rounding=rounding,
+        )
+    verified = accepted & now_converged & newton & rate_of_verifications
     # Counted from the first time every defect is below tolerance: a step at the floor
     # can push a defect back over tolerance, which is no progress either.
     counting = all_converged | jnp.isfinite(state.best_merit)
